@@ -1,0 +1,1 @@
+"""spinquant: learned-rotation 4-bit quantization of LLMs."""

@@ -1,0 +1,181 @@
+"""Typed settings: one tree of dataclasses flows from the CLI (or Python caller) to every algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import SpinQuantError
+
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+RotationMode = Literal["none", "hadamard", "random", "learned"]
+WeightMethod = Literal["rtn", "gptq"]
+
+
+@dataclass
+class QuantSpec:
+    """How one kind of tensor is quantized. bits=16 means 'left in floating point'."""
+
+    bits: int = 16
+    symmetric: bool = True
+    group_size: int | None = None  # None: a whole row (weights: per output channel; activations: per token)
+    clip_ratio: float = 1.0  # fixed range shrink (activations, KV)
+    clip_search: bool = False  # weights: grid-search the shrink that minimises reconstruction error
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def validate(self, what: str) -> None:
+        if self.bits not in VALID_BITS:
+            raise SpinQuantError(
+                f"{what} bits = {self.bits} is not supported; use 2-8, or 16 to leave {what} unquantized"
+            )
+        if self.group_size is not None and self.group_size <= 0:
+            raise SpinQuantError(
+                f"{what} group size {self.group_size} must be positive; omit it for per-channel quantization"
+            )
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise SpinQuantError(f"{what} clip ratio {self.clip_ratio} must be in (0, 1]; 1.0 means no clipping")
+
+
+def _weight_spec() -> QuantSpec:
+    return QuantSpec(bits=4, symmetric=True, clip_search=True)
+
+
+def _act_spec() -> QuantSpec:
+    return QuantSpec(bits=4, symmetric=False, clip_ratio=0.9)
+
+
+def _kv_spec() -> QuantSpec:
+    return QuantSpec(bits=4, symmetric=False, clip_ratio=0.95)
+
+
+@dataclass
+class QuantConfig:
+    """Weights, activations (input of every linear but lm_head), and the K / V cache."""
+
+    weight: QuantSpec = field(default_factory=_weight_spec)
+    act: QuantSpec = field(default_factory=_act_spec)
+    key: QuantSpec = field(default_factory=_kv_spec)
+    value: QuantSpec = field(default_factory=_kv_spec)
+    weight_method: WeightMethod = "rtn"
+
+    def validate(self) -> None:
+        self.weight.validate("weight")
+        self.act.validate("activation")
+        self.key.validate("key-cache")
+        self.value.validate("value-cache")
+        if self.weight_method not in ("rtn", "gptq"):
+            raise SpinQuantError(f"weight method {self.weight_method!r} is unknown; use rtn or gptq")
+
+    @property
+    def label(self) -> str:
+        """W4A4KV4-style name; KV shows the key bits (value bits too when they differ)."""
+        kv = f"{self.key.bits}" if self.key.bits == self.value.bits else f"{self.key.bits}/{self.value.bits}"
+        return f"W{self.weight.bits}A{self.act.bits}KV{kv}"
+
+
+@dataclass
+class RotationConfig:
+    """R1/R2 (merged into weights) and the online Hadamards R3 (Q/K) and R4 (down_proj input)."""
+
+    mode: RotationMode = "hadamard"
+    r3: bool = True
+    r4: bool = True
+    rotation_file: str | None = None  # with mode=learned: reuse saved rotations instead of training
+    save_file: str | None = None
+
+    def validate(self) -> None:
+        if self.mode not in ("none", "hadamard", "random", "learned"):
+            raise SpinQuantError(f"rotation {self.mode!r} is unknown; use none, hadamard, random or learned")
+        if self.rotation_file and self.mode != "learned":
+            raise SpinQuantError("--rotation-file only applies to --rotation learned; add --rotation learned")
+
+
+@dataclass
+class TrainConfig:
+    """Cayley-SGD training of R1/R2 (SpinQuant step). Defaults are the CPU preset."""
+
+    calib_data: str = "wikitext2-valid"
+    steps: int = 60
+    batch: int = 2
+    seq_len: int = 512
+    lr: float = 1.5
+    momentum: float = 0.0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    for_gptq: bool | None = None  # None: follow QuantConfig.weight_method
+    checkpoint_every: int = 0
+    resume: str | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise SpinQuantError(f"training {name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise SpinQuantError(f"learning rate must be positive, got {self.lr}")
+
+
+PAPER_TRAIN = dict(steps=100, batch=8, seq_len=2048, lr=1.5)
+CPU_TRAIN = dict(steps=60, batch=2, seq_len=512, lr=1.5)
+TRAIN_PRESETS = {"paper": PAPER_TRAIN, "cpu": CPU_TRAIN}
+
+
+@dataclass
+class GPTQConfig:
+    calib_data: str = "wikitext2-valid"
+    samples: int = 128
+    seq_len: int = 2048
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+    def validate(self) -> None:
+        if self.samples <= 0 or self.seq_len <= 0:
+            raise SpinQuantError("--gptq-samples and --gptq-seq-len must be positive")
+        if not 0 < self.damp < 1:
+            raise SpinQuantError(f"GPTQ damping {self.damp} must be in (0, 1), e.g. 0.01")
+
+
+@dataclass
+class EvalConfig:
+    data: str = "wikitext2"
+    seq_len: int = 2048
+    max_windows: int | None = 16
+    batch_size: int = 1
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+
+    def validate(self) -> None:
+        if self.seq_len <= 0:
+            raise SpinQuantError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise SpinQuantError(f"--max-windows must be positive, got {self.max_windows}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one `spinquant` run needs."""
+
+    model: str = "smollm2-135m"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"
+    output: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> RunConfig:
+        self.quant.validate()
+        self.rotation.validate()
+        self.train.validate()
+        self.gptq.validate()
+        self.eval.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,59 @@
+"""Safe output: write to a temporary sibling, rename into place; never overwrite without being asked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import SpinQuantError
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise SpinQuantError(f"{path} already exists; choose another output path or pass --overwrite")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise SpinQuantError(f"output folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise SpinQuantError(f"output folder {parent} is not writable; choose a writable location")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = False, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it."""
+    path = Path(path)
+    check_writable(path, overwrite)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if path.exists():  # only reachable with overwrite=True
+            # Move the old output aside first so a failed rename never leaves the user with nothing.
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise SpinQuantError(f"could not write {path} ({e.strerror or e}); free disk space or choose another "
+                             "location") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)

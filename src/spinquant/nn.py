@@ -1,0 +1,110 @@
+"""The small modules spinquant inserts into a Hugging Face model.
+
+- `QuantLinear` replaces an `nn.Linear`: optional online Hadamard on its input (R4), dynamic activation
+  fake quantization, then the (already rotated, possibly quantized) weight.
+- `KVQuant` sits on each attention module: Hadamard on Q and K after RoPE (R3), then K and V quantized per
+  token per head. It runs inside an attention function registered with transformers' AttentionInterface
+  as "spinquant", which delegates to SDPA: no Hugging Face modeling file is copied or patched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QuantSpec
+from .hadamard import OnlineHadamard, fast_hadamard_transform
+from .quant.quantizer import QuantizedTensor, fake_quantize
+
+ATTN_IMPLEMENTATION = "spinquant"
+__all__ = ["ActQuantizer", "KVQuant", "OnlineHadamard", "QuantLinear", "use_spinquant_attention"]
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic per-token (or per-group) fake quantization; identity when spec.bits == 16."""
+
+    def __init__(self, spec: QuantSpec | None = None):
+        super().__init__()
+        self.spec = spec or QuantSpec()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        if not s.enabled:
+            return "off"
+        return f"bits={s.bits}, symmetric={s.symmetric}, group={s.group_size}, clip={s.clip_ratio}"
+
+
+class QuantLinear(nn.Module):
+    """A linear whose input may be rotated online and fake-quantized; its weight is stored dequantized."""
+
+    def __init__(self, linear: nn.Linear, input_transform: nn.Module | None = None):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_transform = input_transform
+        self.act_quant = ActQuantizer()
+        self.quantized: QuantizedTensor | None = None  # integer codes, kept for packing / export
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias=None) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        x = self.act_quant(x)
+        return F.linear(x, self.weight if weight is None else weight, self.bias if bias is None else bias)
+
+    @classmethod
+    def wrap(cls, module: nn.Module) -> QuantLinear:
+        return module if isinstance(module, QuantLinear) else cls(module)
+
+
+class KVQuant(nn.Module):
+    """R3 (Hadamard over head_dim on Q and K) and per-token, per-head K / V fake quantization."""
+
+    def __init__(self, head_dim: int, rotate_qk: bool = True):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotate_qk = rotate_qk
+        self.key_quant = ActQuantizer()
+        self.value_quant = ActQuantizer()
+
+    def forward(self, q, k, v):
+        if self.rotate_qk:  # cancels in Q·Kᵀ, spreads K's outlier channels before the cache is quantized
+            q = fast_hadamard_transform(q)
+            k = fast_hadamard_transform(k)
+        return q, self.key_quant(k), self.value_quant(v)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rotate_qk={self.rotate_qk}"
+
+
+def spinquant_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Attention function for transformers' AttentionInterface: KVQuant (if installed), then SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kv = getattr(module, "kv_quant", None)
+    if kv is not None:
+        query, key, value = kv(query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    """Make "spinquant" a valid attn_implementation (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, spinquant_attention)
+    if ATTN_IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def use_spinquant_attention(model: nn.Module) -> None:
+    register_attention()
+    try:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    except (ValueError, KeyError, AttributeError):
+        model.config._attn_implementation = ATTN_IMPLEMENTATION

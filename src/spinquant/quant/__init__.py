@@ -1,0 +1,21 @@
+"""Quantizers: fake quantization with STE, the weight clip search, GPTQ, integer packing."""
+
+from .quantizer import (
+    QuantizedTensor,
+    compute_qparams,
+    fake_quantize,
+    fake_quantize_weight,
+    quantize_weight,
+    round_ste,
+    weight_qparams,
+)
+
+__all__ = [
+    "QuantizedTensor",
+    "compute_qparams",
+    "fake_quantize",
+    "fake_quantize_weight",
+    "quantize_weight",
+    "round_ste",
+    "weight_qparams",
+]

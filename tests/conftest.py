@@ -1,0 +1,50 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,  # 12·8: exercises a non-power-of-two Hadamard for R4
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+# (name, config class, model class, extra config)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**{**COMMON, **extra, **overrides})
+    model = model_cls(cfg).to(dtype).eval()
+    # Random init leaves norms at 1 and biases at 0: randomise them so fusion and bias rotation are tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+            if "embed_tokens" in name:
+                p[:, :3] *= 8  # a few outlier channels in the residual stream, as in real LLMs
+    return model
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
