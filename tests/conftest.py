@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -48,3 +50,29 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **over
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (one token per UTF-8 byte, BOS prepended like Llama's), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(path: Path, family: str = "llama", **overrides) -> Path:
+    """A tiny random model + byte tokenizer saved as a Hugging Face folder (what users pass to --model)."""
+    model = tiny_model(family, vocab_size=260, **overrides)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")

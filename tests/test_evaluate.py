@@ -8,25 +8,14 @@ import pytest
 import torch
 import transformers
 
+from conftest import byte_tokenizer
+
 from spinquant import evaluate
 from spinquant.data import shared_data_dir
 from spinquant.errors import SpinQuantError
 from spinquant.evaluate import MCItem, encode_pair, load_task, loglikelihoods, perplexity, zero_shot
 
 VOCAB = 260
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (one token per UTF-8 byte, BOS prepended like Llama's), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({"<s>": 256, "</s>": 257})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,13 @@
-"""spinquant: learned-rotation 4-bit quantization of LLMs."""
+"""spinquant: learned-rotation (SpinQuant) 4-bit quantization of LLM weights, activations and KV cache."""
+
+from .api import quantize, run_compare, run_eval, run_quantize
+from .config import EvalConfig, GPTQConfig, QuantConfig, QuantSpec, RotationConfig, RunConfig, TrainConfig
+from .errors import SpinQuantError
+from .evaluate import perplexity
+from .loading import load_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "EvalConfig", "GPTQConfig", "QuantConfig", "QuantSpec", "RotationConfig", "RunConfig", "SpinQuantError",
+    "TrainConfig", "load_model", "perplexity", "quantize", "run_compare", "run_eval", "run_quantize",
+]

@@ -30,6 +30,7 @@ class QuantizeReport:
     weight_method: str
     seconds: dict[str, float] = field(default_factory=dict)
     train: dict | None = None
+    gptq: dict | None = None
 
 
 def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
@@ -107,8 +108,9 @@ def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec, progress: bool = Tr
         linear.quantized = qt
 
 
-def resolve_rotations(parts: ModelParts, cfg: RunConfig, calib=None, progress: bool = True,
-                      report: QuantizeReport | None = None) -> Rotations | None:
+def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progress: bool = True,
+                      report: QuantizeReport | None = None, calib_ids: torch.Tensor | None = None
+                      ) -> Rotations | None:
     """Fixed rotations by construction, learned ones from a file or by training (model already prepared)."""
     rot = cfg.rotation
     n_layers = len(parts.layers)
@@ -121,14 +123,20 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, calib=None, progress: b
         return init
     from .train import train_rotations
 
-    result = train_rotations(parts, init, cfg, calib=calib, progress=progress)
+    log_stem = cfg.rotation.save_file or (f"{cfg.output.rstrip('/')}-rotation" if cfg.output else None)
+    result = train_rotations(parts, init, cfg, tokenizer, calib_ids=calib_ids, progress=progress,
+                             log_dir=log_stem)
     if report is not None:
         report.train = result.summary
     return result.rotations
 
 
-def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True) -> QuantizeReport:
-    """Rotate and quantize `model` in place according to `cfg`."""
+def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
+                   calib_ids: torch.Tensor | None = None) -> QuantizeReport:
+    """Rotate and quantize `model` in place according to `cfg`.
+
+    `calib_ids` ([n, seq_len] token ids) replaces the calibration text for training and GPTQ.
+    """
     cfg.validate()
     parts = model_parts(model)
     check_supported(parts, cfg)
@@ -141,7 +149,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True)
     report.seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rotations = resolve_rotations(parts, cfg, calib=tokenizer, progress=progress, report=report) if rotated else None
+    rotations = (resolve_rotations(parts, cfg, tokenizer, progress, report, calib_ids) if rotated else None)
     if rotations is not None:
         merge_r1(parts, rotations.r1)
         merge_r2(parts, rotations.r2)
@@ -156,7 +164,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True)
         if cfg.quant.weight_method == "gptq":
             from .quant.gptq_driver import quantize_weights_gptq
 
-            quantize_weights_gptq(parts, cfg, tokenizer, progress=progress)
+            report.gptq = quantize_weights_gptq(parts, cfg, tokenizer, progress=progress, calib=calib_ids)
         else:
             quantize_weights_rtn(parts, cfg.quant.weight, progress=progress)
     report.seconds["weights"] = time.perf_counter() - t

@@ -1,0 +1,182 @@
+"""`spinquant` command line: a thin layer that turns flags into a RunConfig and calls the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+from . import api
+from .config import TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
+from .errors import SpinQuantError
+from .loading import DEFAULT_MODEL
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad flags give one line and exit 2 like every other input error."""
+
+    def error(self, message: str):  # noqa: D401
+        raise SpinQuantError(f"{message}; see '{self.prog} --help'")
+
+
+def _bits(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer (2-8 or 16), got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF folder, hub id, .gguf file or built-in name (default: {DEFAULT_MODEL})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-data", default="wikitext2", help="wikitext2 (test split), c4, or a text/JSONL file")
+    g.add_argument("--seq-len", type=_positive, default=2048, help="perplexity window length (tokens)")
+    g.add_argument("--max-windows", type=_positive, default=16, help="evaluate the first N windows")
+    g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--w-bits", type=_bits, default=4, help="weight bits (2-8, 16 = float)")
+    g.add_argument("--a-bits", type=_bits, default=4, help="activation bits (2-8, 16 = float)")
+    g.add_argument("--kv-bits", type=_bits, default=4, help="K and V cache bits (2-8, 16 = float)")
+    g.add_argument("--k-bits", type=_bits, help="key cache bits (overrides --kv-bits)")
+    g.add_argument("--v-bits", type=_bits, help="value cache bits (overrides --kv-bits)")
+    g.add_argument("--w-group", type=int, help="weight group size (default: per output channel)")
+    g.add_argument("--a-group", type=int, help="activation group size (default: per token)")
+    g.add_argument("--w-asym", action="store_true", help="asymmetric weight grid")
+    g.add_argument("--a-sym", action="store_true", help="symmetric activation grid")
+    g.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio")
+    g.add_argument("--kv-clip", type=float, default=0.95, help="K/V clip ratio")
+    g.add_argument("--no-w-clip-search", action="store_true", help="plain min-max weight range")
+    g.add_argument("--weight-quant", choices=("rtn", "gptq"), default="rtn")
+    g.add_argument("--gptq-samples", type=_positive, default=128)
+    g.add_argument("--gptq-seq-len", type=_positive, default=2048)
+    g.add_argument("--gptq-act-order", action="store_true")
+
+    r = p.add_argument_group("rotation")
+    r.add_argument("--rotation", choices=("none", "hadamard", "random", "learned"), default="hadamard")
+    r.add_argument("--no-r3", action="store_true", help="no online Hadamard on Q/K (R3)")
+    r.add_argument("--no-r4", action="store_true", help="no online Hadamard before down_proj (R4)")
+    r.add_argument("--rotation-file", help="with --rotation learned: load these rotations instead of training")
+    r.add_argument("--save-rotation", help="write the R1/R2 used to this file (safetensors)")
+    r.add_argument("--calib-data", default="wikitext2-valid",
+                   help="calibration text for training and GPTQ: wikitext2-valid, c4, or a text/JSONL file")
+
+    t = p.add_argument_group("rotation training (--rotation learned)")
+    t.add_argument("--train-preset", choices=sorted(TRAIN_PRESETS), default="cpu")
+    t.add_argument("--train-steps", type=_positive)
+    t.add_argument("--train-seq-len", type=_positive)
+    t.add_argument("--train-batch", type=_positive)
+    t.add_argument("--lr", type=float)
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output", help="save the quantized model to this folder")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def config_from_args(a: argparse.Namespace) -> RunConfig:
+    """Flags → RunConfig (validated)."""
+    cfg = RunConfig(model=a.model, seed=a.seed)
+    cfg.eval = replace(cfg.eval, data=a.eval_data, seq_len=a.seq_len, max_windows=a.max_windows)
+    if not hasattr(a, "w_bits"):
+        return cfg.validate()
+    cfg.quant = QuantConfig(
+        weight=QuantSpec(a.w_bits, symmetric=not a.w_asym, group_size=a.w_group, clip_search=not a.no_w_clip_search),
+        act=QuantSpec(a.a_bits, symmetric=a.a_sym, group_size=a.a_group, clip_ratio=a.a_clip),
+        key=QuantSpec(a.k_bits or a.kv_bits, symmetric=False, clip_ratio=a.kv_clip),
+        value=QuantSpec(a.v_bits or a.kv_bits, symmetric=False, clip_ratio=a.kv_clip),
+        weight_method=a.weight_quant,
+    )
+    cfg.rotation = replace(cfg.rotation, mode=a.rotation, r3=not a.no_r3, r4=not a.no_r4,
+                           rotation_file=a.rotation_file, save_file=a.save_rotation)
+    preset = dict(TRAIN_PRESETS[a.train_preset])
+    for key, flag in (("steps", a.train_steps), ("seq_len", a.train_seq_len), ("batch", a.train_batch), ("lr", a.lr)):
+        if flag is not None:
+            preset[key] = flag
+    cfg.train = replace(cfg.train, calib_data=a.calib_data, **preset)
+    cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
+                       act_order=a.gptq_act_order)
+    cfg.output, cfg.overwrite = a.output, a.overwrite
+    if cfg.train.calib_data == cfg.eval.data:
+        raise SpinQuantError(
+            f"calibration data and evaluation data are both {cfg.eval.data!r}; calibrate on other text "
+            "(e.g. --calib-data wikitext2-valid)"
+        )
+    return cfg.validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="spinquant", description="Rotate and quantize LLMs to 4 bits (SpinQuant).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="rotate + quantize a model, report its perplexity, optionally save it")
+    add_model_args(q)
+    add_quant_args(q)
+    add_eval_args(q)
+
+    e = sub.add_parser("eval", help="evaluate the floating-point model")
+    add_model_args(e)
+    add_eval_args(e)
+
+    c = sub.add_parser("compare", help="FP / RTN / Hadamard / learned side by side in one table")
+    add_model_args(c)
+    add_quant_args(c)
+    add_eval_args(c)
+    c.add_argument("--methods", default="fp,rtn,hadamard",
+                   help="comma list of fp, rtn (no rotation), hadamard, random, learned")
+    c.add_argument("--markdown", help="also write the table as Markdown to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = config_from_args(args)
+        result = COMMANDS[args.command](cfg, args)
+    except SpinQuantError as e:
+        print(f"spinquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spinquant: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def _quantize(cfg: RunConfig, args) -> dict:
+    return api.run_quantize(cfg, evaluate=not args.no_eval)
+
+
+def _eval(cfg: RunConfig, args) -> dict:
+    return api.run_eval(cfg)
+
+
+def _compare(cfg: RunConfig, args) -> dict:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return api.run_compare(cfg, methods, markdown=args.markdown)
+
+
+COMMANDS = {"quantize": _quantize, "eval": _eval, "compare": _compare}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

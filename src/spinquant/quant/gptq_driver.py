@@ -1,0 +1,328 @@
+"""Layer-sequential GPTQ over a whole (rotated) model (DESIGN.md §4).
+
+The inputs of the first decoder layer are captured once; then, one layer at a time on the compute device,
+the layer's linears are quantized in "true-sequential" groups — [q, k, v], [o], [gate, up], [down] — each
+group's Hessians collected with the earlier groups already quantized, and finally the calibration samples
+are pushed through the quantized layer to become the next layer's inputs.
+
+Hessian basis: the input the weight actually multiplies, i.e. after the QuantLinear's online transform
+(R4 for down_proj) and before its activation quantizer. Activation quantizers are configured after the
+weights in the pipeline, so they are off here anyway; the W16-activation Hessian is GPTQ's usual choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..data import calibration_batches, load_text
+from ..errors import SpinQuantError
+from .gptq import HessianAccumulator, gptq_quantize
+from .quantizer import QuantizedTensor
+
+if TYPE_CHECKING:
+    from ..models import ModelParts
+
+# True-sequential order: each group reads the outputs of the groups before it.
+GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+# Keyword arguments that would carry state from one calibration sample into the next.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once everything it was run for has been recorded."""
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move the tensors inside nested tuples / lists / dicts; anything else passes through unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_to_device(o, device) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
+
+
+def calibration_ids(cfg: RunConfig, tokenizer: Any) -> torch.Tensor:
+    """cfg.gptq.samples random windows of cfg.gptq.seq_len tokens from the calibration text."""
+    src = cfg.gptq.calib_data
+    if _same_source(str(src), str(cfg.eval.data)):
+        raise SpinQuantError(
+            f"GPTQ calibration data {src!r} is the evaluation text; calibrating on the evaluation text is "
+            "not allowed (it inflates the scores): use wikitext2-valid, c4 or another file"
+        )
+    if tokenizer is None:
+        raise SpinQuantError(
+            "GPTQ needs a tokenizer to read its calibration text; load the model's tokenizer"
+        )
+    return calibration_batches(load_text(src), tokenizer, cfg.gptq.seq_len, cfg.gptq.samples, cfg.seed)
+
+
+def _check_calib(calib: torch.Tensor) -> torch.Tensor:
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.numel() == 0:
+        raise SpinQuantError(
+            "GPTQ calibration ids must be a non-empty [samples, seq_len] tensor of token ids"
+        )
+    if calib.is_floating_point() or calib.is_complex():
+        raise SpinQuantError(f"GPTQ calibration ids must be integer token ids, got {calib.dtype}")
+    return calib.long()
+
+
+@dataclasses.dataclass
+class _LayerInputs:
+    """What the first decoder layer receives: per-sample hidden states (CPU) and the shared arguments."""
+
+    hidden: torch.Tensor  # [n, L, hidden] on CPU
+    args: tuple  # extra positional arguments after the hidden states (usually none)
+    kwargs: dict  # attention mask, position ids / embeddings, ...
+
+
+@torch.no_grad()
+def capture_layer_inputs(parts: ModelParts, ids: torch.Tensor) -> _LayerInputs:
+    """Run the model up to its first decoder layer, one sequence at a time, and record that layer's inputs.
+
+    Runs where the embedding lives: only embeddings, rotary tables and masks are computed, no layer.
+    """
+    seen: dict[str, Any] = {}
+
+    def _hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if args:
+            seen["hidden"], seen["args"] = args[0], tuple(args[1:])
+        else:
+            seen["hidden"], seen["args"] = kwargs.pop("hidden_states"), ()
+        seen["kwargs"] = kwargs
+        raise _StopForward
+
+    device = parts.embedding.weight.device
+    handle = parts.layers[0].module.register_forward_pre_hook(_hook, with_kwargs=True)
+    hidden = None
+    args: tuple = ()
+    kwargs: dict = {}
+    try:
+        # One sequence at a time: masks and activations for 128 × 2048 tokens at once would not fit.
+        for i in range(ids.shape[0]):
+            try:
+                parts.model(ids[i : i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise SpinQuantError(
+                    "the model never called its first decoder layer; check the model adapter"
+                )
+            h = seen["hidden"]
+            if hidden is None:
+                hidden = torch.empty((ids.shape[0], *h.shape[1:]), dtype=h.dtype)
+                # Every sample has the same length and no padding: the first sample's arguments serve all.
+                args = _to_device(seen["args"], torch.device("cpu"))
+                kwargs = _to_device(seen["kwargs"], torch.device("cpu"))
+            hidden[i] = h[0].cpu()
+    finally:
+        handle.remove()
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return _LayerInputs(hidden, args, kwargs)
+
+
+class _GroupHessians:
+    """Hessians of the inputs of one group of linears, in the basis their weights multiply.
+
+    Linears that read the very same tensor (q/k/v, gate/up) share one accumulator: the Hessian is
+    identical and the x·xᵀ sums are the main cost of calibration.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device) -> None:
+        self.linears = linears
+        self.device = device
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.shares: dict[str, str] = {}  # role -> earlier role whose input is the same tensor
+        self._seen: dict[str, torch.Tensor] = {}  # untransformed inputs seen in the current forward
+        self._pending: set[str] = set(linears)
+        self._handles = [
+            m.register_forward_pre_hook(partial(self._hook, role)) for role, m in linears.items()
+        ]
+
+    def begin(self) -> None:
+        self._seen.clear()
+        self._pending = set(self.linears)
+
+    def _hook(self, role: str, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        transform = getattr(module, "input_transform", None)
+        src = self.shares.get(role)
+        if src is None and role not in self.acc and transform is None:
+            src = next((r for r, t in self._seen.items() if t is x), None)
+            if src is not None:
+                self.shares[role] = src
+        if src is not None:
+            if self._seen.get(src) is not x:
+                raise SpinQuantError(
+                    f"{role} and {src} read the same input on the first sample but not later; "
+                    "the decoder layer's forward is not deterministic"
+                )
+        else:
+            if role not in self.acc:
+                self.acc[role] = HessianAccumulator(x.shape[-1], device=self.device)
+            # The weight multiplies the transformed input (R4 for down_proj): that is the GPTQ basis.
+            self.acc[role].add(transform(x) if transform is not None else x)
+            if transform is None:
+                self._seen[role] = x
+        self._pending.discard(role)
+        if not self._pending:
+            # Everything this pass is for has been seen: skip the rest of the layer.
+            self._seen.clear()
+            raise _StopForward
+
+    def missing(self) -> list[str]:
+        return sorted(self._pending)
+
+    def hessian(self, role: str) -> torch.Tensor:
+        return self.acc[self.shares.get(role, role)].hessian
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.acc.clear()
+        self._seen.clear()
+
+
+@torch.no_grad()
+def _run_layer(
+    layer: nn.Module,
+    inputs: _LayerInputs,
+    args: tuple,
+    kwargs: dict,
+    device: torch.device,
+    outputs: torch.Tensor | None = None,
+    hessians: _GroupHessians | None = None,
+) -> None:
+    """Push every calibration sample through `layer` (args / kwargs already on `device`).
+
+    With `outputs`, store each sample's output there (CPU); with `hessians`, each pass is expected to be
+    cut short by the hook once the group's inputs have been seen.
+    """
+    for i in range(inputs.hidden.shape[0]):
+        if hessians is not None:
+            hessians.begin()
+        try:
+            out = layer(inputs.hidden[i : i + 1].to(device), *args, **kwargs)
+        except _StopForward:
+            continue
+        if hessians is not None:
+            raise SpinQuantError(
+                f"the decoder layer never called {', '.join(hessians.missing())}; check the model adapter"
+            )
+        if outputs is not None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            outputs[i] = out[0].to(outputs.device, outputs.dtype)
+
+
+def _qt_to(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
+    return dataclasses.replace(
+        qt, codes=qt.codes.to(device), scale=qt.scale.to(device), zero=qt.zero.to(device)
+    )
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def quantize_weights_gptq(
+    parts: ModelParts,
+    cfg: RunConfig,
+    tokenizer: Any,
+    progress: bool = True,
+    calib: torch.Tensor | None = None,
+) -> dict:
+    """GPTQ every decoder linear of `parts`, layer by layer, in place: weight ← dequantized codes and
+    `linear.quantized` ← the codes. `calib` ([samples, seq_len] token ids) overrides the calibration text.
+
+    Returns {"seconds", "samples", "seq_len", "layers"}.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    spec = cfg.quant.weight
+    if not spec.enabled:
+        raise SpinQuantError(
+            "GPTQ needs weight bits below 16; use 16 bits without GPTQ to keep weights float"
+        )
+    ids = _check_calib(calib if calib is not None else calibration_ids(cfg, tokenizer))
+    g = cfg.gptq
+    device = compute_device()
+    model = parts.model
+    was_training = model.training
+    model.eval()  # calibration must be deterministic (no dropout)
+    try:
+        inputs = capture_layer_inputs(parts, ids)
+        args = _to_device(inputs.args, device)
+        kwargs = _to_device(inputs.kwargs, device)
+        outputs = torch.empty_like(inputs.hidden)
+        n_layers = len(parts.layers)
+        for index, layer in enumerate(
+            tqdm(parts.layers, desc="GPTQ layers", disable=None if progress else True, leave=False)
+        ):
+            home = _module_device(layer.module)
+            layer.module.to(device)
+            try:
+                linears = layer.linears()
+                for group in GROUPS:
+                    hessians = _GroupHessians({role: linears[role] for role in group}, device)
+                    try:
+                        _run_layer(layer.module, inputs, args, kwargs, device, hessians=hessians)
+                        for role in group:
+                            linear = linears[role]
+                            qt = gptq_quantize(
+                                linear.weight.data,
+                                hessians.hessian(role),
+                                spec,
+                                block_size=g.block_size,
+                                damp=g.damp,
+                                act_order=g.act_order,
+                            )
+                            linear.weight.data = qt.dequantize(linear.weight.dtype)
+                            linear.quantized = _qt_to(qt, home)
+                    finally:
+                        hessians.close()
+                if index + 1 < n_layers:  # the last layer's outputs feed nothing GPTQ needs
+                    _run_layer(layer.module, inputs, args, kwargs, device, outputs=outputs)
+                    inputs.hidden, outputs = outputs, inputs.hidden
+            finally:
+                layer.module.to(home)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        model.train(was_training)
+    return {
+        "seconds": time.perf_counter() - start,
+        "samples": int(ids.shape[0]),
+        "seq_len": int(ids.shape[1]),
+        "layers": len(parts.layers),
+    }

@@ -1,0 +1,119 @@
+"""Rotation training: the training-time parametrisation equals the merged model, and a short run works."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from spinquant.config import QuantConfig, QuantSpec, RunConfig
+from spinquant.models import model_parts
+from spinquant.pipeline import install_modules, quantize_model, set_activation_quant
+from spinquant.rotate import merge_r1, merge_r2, prepare
+from spinquant.rotations import Rotations, load_rotations, make_rotations, save_rotations
+from spinquant.train import RotationParams, _Installed, train_rotations
+
+OFF = QuantSpec(bits=16)
+
+
+def prepared(family="llama", dtype=torch.float64):
+    model = tiny_model(family, dtype=dtype)
+    parts = model_parts(model)
+    prepare(parts)
+    install_modules(parts, r3=True, r4=True)
+    return model, parts
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_training_forward_equals_merged_model(family):
+    """Wrappers computing W·R on the fly give the logits of the model with R merged (quantizers off)."""
+    model, parts = prepared(family)
+    rot = make_rotations("random", parts.hidden_size, parts.head_dim, len(parts.layers), seed=3)
+    ids = torch.randint(0, 96, (2, 12))
+    params = RotationParams(rot).double()
+    installed = _Installed(parts, params, OFF)
+    with torch.no_grad():
+        training_logits = model(ids).logits
+    installed.remove()
+    merge_r1(parts, rot.r1)
+    merge_r2(parts, rot.r2)
+    with torch.no_grad():
+        merged_logits = model(ids).logits
+    assert (training_logits - merged_logits).abs().max() < 1e-5  # HF RMSNorm runs in float32
+
+
+def tiny_train_config(steps=2, **quant) -> RunConfig:
+    cfg = RunConfig()
+    cfg.rotation.mode = "learned"
+    cfg.train.steps, cfg.train.batch, cfg.train.seq_len, cfg.train.lr = steps, 2, 16, 1.0
+    cfg.quant = QuantConfig(**quant) if quant else QuantConfig()
+    return cfg
+
+
+def test_two_step_training_smoke():
+    model, parts = prepared("llama", torch.float32)
+    init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_rotations(parts, init, tiny_train_config(), calib_ids=calib, progress=False)
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    r1 = result.rotations.r1.double()
+    assert (r1.T @ r1 - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-5
+    assert (result.rotations.r1 - init.r1.float()).abs().max() > 1e-4, "R1 did not move"
+    # Weights stay frozen and the wrappers are gone.
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights_before[n])
+    assert all(type(m).__name__ != "RotatedLinear" for m in model.modules())
+    assert result.summary["steps"] == 2 and result.summary["tokens"] == 2 * 2 * 16
+
+
+def test_learned_pipeline_with_calibration_ids_and_saved_rotations(tmp_path):
+    model = tiny_model("qwen2")
+    cfg = tiny_train_config()
+    cfg.rotation.save_file = str(tmp_path / "rot.safetensors")
+    calib = torch.randint(0, 96, (4, 16))
+    report = quantize_model(model, cfg, progress=False, calib_ids=calib)
+    assert report.train["steps"] == 2
+    assert (tmp_path / "rot.safetensors").is_file()
+    assert (tmp_path / "rot.safetensors.loss.csv").is_file()
+    # Reusing the saved file gives the same quantized model without training.
+    again = tiny_model("qwen2")
+    cfg2 = tiny_train_config()
+    cfg2.rotation.rotation_file = cfg.rotation.save_file
+    report2 = quantize_model(again, cfg2, progress=False)
+    assert report2.train is None
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["ours", "reference"])
+def test_rotation_files_round_trip_and_give_identical_logits(tmp_path, layout):
+    rot = make_rotations("random", 64, 16, 2, seed=5).to(torch.float32)
+    path = save_rotations(rot, tmp_path / f"r.{layout}", layout=layout)
+    back = load_rotations(path)
+    assert torch.equal(back.r1, rot.r1) and all(torch.equal(a, b) for a, b in zip(back.r2, rot.r2))
+    if layout == "reference":
+        d = torch.load(path, weights_only=True)
+        assert set(d) == {"R1", "model.layers.0.self_attn.R2", "model.layers.1.self_attn.R2"}
+    models = []
+    for r in (rot, back):
+        model, parts = prepared("llama", torch.float32)
+        merge_r1(parts, r.r1)
+        merge_r2(parts, r.r2)
+        models.append(model)
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(models[0](ids).logits, models[1](ids).logits)
+
+
+def test_non_finite_loss_stops_with_clear_error():
+    from spinquant.errors import SpinQuantError
+
+    model, parts = prepared("llama", torch.float32)
+    with torch.no_grad():
+        parts.layers[1].down.weight[0, 0] = float("nan")
+    init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))
+    with pytest.raises(SpinQuantError, match="loss became nan"):
+        train_rotations(parts, init, tiny_train_config(), calib_ids=torch.randint(0, 96, (4, 16)), progress=False)
+    assert all(type(m).__name__ != "RotatedLinear" for m in model.modules())
