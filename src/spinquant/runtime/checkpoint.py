@@ -1,0 +1,248 @@
+"""Save a quantized model as a folder of packed safetensors + JSON, and load it back into runtime modules.
+
+Layout of DIR (nothing in it is ever unpickled):
+    config.json         the transformers config (untied) plus a "spinquant" section: format version, the
+                        quantization specs (weights, activations, K, V), rotations (R1/R2 merged, online
+                        Hadamard sizes for R3 and R4), how embedding / lm_head are stored, the full
+                        RunConfig, and the sha256 of every other file
+    model.safetensors   per decoder linear `<path>.qweight` (uint8: codes - qmin, two 4-bit codes per byte,
+                        low nibble first; one byte per code above 4 bits), `<path>.scale` (float32, [out] or
+                        [out, groups]), `<path>.zero` (uint8, asymmetric weights only), `<path>.bias`;
+                        embedding / lm_head as `<path>.qweight` int8 + `<path>.scale` float32 per row, or
+                        `<path>.weight` in 16/32-bit; norms and other tensors as floats
+    tokenizer files, generation_config.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import QuantSpec, RunConfig
+from ..errors import SpinQuantError
+from ..io import atomic_path
+from ..models import model_parts
+from ..nn import QuantLinear
+from ..quant.quantizer import quantize_weight
+from .packing import pack_codes
+
+FORMAT = "spinquant-packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+TABLE_STORAGE = {"int8": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def spec_to_dict(spec: QuantSpec) -> dict:
+    return {"bits": spec.bits, "symmetric": spec.symmetric, "group_size": spec.group_size,
+            "clip_ratio": spec.clip_ratio}
+
+
+def spec_from_dict(d: dict) -> QuantSpec:
+    return QuantSpec(bits=int(d["bits"]), symmetric=bool(d["symmetric"]), group_size=d.get("group_size"),
+                     clip_ratio=float(d.get("clip_ratio", 1.0)))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _table(prefix: str, weight: torch.Tensor, storage: str, out: dict) -> None:
+    """Embedding or lm_head: int8 per row (symmetric, plain min-max) or a float copy."""
+    if storage == "int8":
+        qt = quantize_weight(weight.detach().float(), QuantSpec(bits=8, symmetric=True))
+        out[f"{prefix}.qweight"] = qt.codes.contiguous()
+        out[f"{prefix}.scale"] = qt.scale.float().contiguous()
+    else:
+        out[f"{prefix}.weight"] = weight.detach().to(TABLE_STORAGE[storage]).contiguous()
+
+
+def _quantized_specs(model) -> tuple[QuantSpec, QuantSpec, QuantSpec, QuantSpec, bool, bool]:
+    """Weight / activation / K / V specs and R3 / R4 as installed in the model (not as requested)."""
+    parts = model_parts(model)
+    linears = [lin for layer in parts.layers for lin in layer.linears().values()]
+    if not linears or not all(isinstance(lin, QuantLinear) for lin in linears):
+        raise SpinQuantError("the model is not quantized (no QuantLinear modules); run spinquant.quantize first")
+    first = linears[0].quantized
+    if first is not None:
+        weight = QuantSpec(bits=first.bits, symmetric=first.symmetric, group_size=first.group_size)
+    else:
+        weight = QuantSpec(bits=16)
+    if any((lin.quantized is None) != (first is None) for lin in linears):
+        raise SpinQuantError("only some linears have quantized weights; re-run the quantization")
+    act = linears[0].act_quant.spec
+    kv = getattr(parts.layers[0].attention, "kv_quant", None)
+    key = kv.key_quant.spec if kv is not None else QuantSpec(bits=16)
+    value = kv.value_quant.spec if kv is not None else QuantSpec(bits=16)
+    r3 = bool(kv is not None and kv.rotate_qk)
+    r4 = parts.layers[0].down.input_transform is not None
+    return weight, act, key, value, r3, r4
+
+
+def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8") -> dict[str, torch.Tensor]:
+    """Every tensor to save, keyed by module path; quantized linears packed."""
+    for what, storage in (("embedding", embedding), ("lm_head", lm_head)):
+        if storage not in TABLE_STORAGE:
+            raise SpinQuantError(f"{what} storage {storage!r} is unknown; use one of {', '.join(TABLE_STORAGE)}")
+    parts = model_parts(model)
+    adapter = parts.adapter
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        qt = module.quantized
+        if qt is None:
+            out[f"{name}.weight"] = module.weight.detach().float().contiguous()
+        else:
+            out[f"{name}.qweight"] = pack_codes(qt.codes, qt.bits, qt.symmetric)
+            out[f"{name}.scale"] = qt.scale.float().contiguous()
+            if not qt.symmetric:
+                out[f"{name}.zero"] = qt.zero.round().to(torch.uint8).contiguous()
+        if module.bias is not None:
+            out[f"{name}.bias"] = module.bias.detach().float().contiguous()
+        done.update({f"{name}.weight", f"{name}.bias"})
+    _table(adapter.embedding, parts.embedding.weight, embedding, out)
+    _table(adapter.lm_head, parts.lm_head.weight, lm_head, out)
+    done.update({f"{adapter.embedding}.weight", f"{adapter.lm_head}.weight"})
+    if getattr(parts.lm_head, "bias", None) is not None:
+        out[f"{adapter.lm_head}.bias"] = parts.lm_head.bias.detach().float().contiguous()
+        done.add(f"{adapter.lm_head}.bias")
+    for key, tensor in model.state_dict().items():
+        if key not in done and key not in out:
+            # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
+            out[key] = tensor.detach().clone().contiguous()
+    return out
+
+
+def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str) -> dict:
+    weight, act, key, value, r3, r4 = _quantized_specs(model)
+    parts = model_parts(model)
+    rotation = cfg.rotation.mode if cfg is not None else "unknown"
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "quantization": {"weight": spec_to_dict(weight), "act": spec_to_dict(act), "key": spec_to_dict(key),
+                         "value": spec_to_dict(value),
+                         "weight_method": cfg.quant.weight_method if cfg is not None else "unknown",
+                         "label": f"W{weight.bits}A{act.bits}KV{key.bits}"},
+        "rotation": {"mode": rotation, "r1_r2": "merged into the weights" if rotation != "none" else "none"},
+        "online_hadamard": {"r3": parts.head_dim if r3 else None, "r4": parts.intermediate_size if r4 else None},
+        "embedding": embedding,
+        "lm_head": lm_head,
+        "packing": "codes stored as code - qmin; <=4 bits: two per byte, low nibble = even index",
+        "run_config": cfg.to_dict() if cfg is not None else None,
+    }
+
+
+def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path, overwrite: bool = False,
+                   embedding: str = "int8", lm_head: str = "int8") -> Path:
+    """Write the quantized `model` (after `pipeline.quantize_model`) as a packed checkpoint folder."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    section = spinquant_section(model, cfg, embedding, lm_head)
+    tensors = collect_tensors(model, embedding, lm_head)
+    config = model.config.to_dict()
+    # Not ours to keep: the attention choice of the fake-quant model, and a source quantization (GGUF) that
+    # the packed weights no longer have.
+    for k in [k for k in config if "attn_implementation" in k or k == "quantization_config"]:
+        config.pop(k)
+    config["tie_word_embeddings"] = False
+    with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "spinquant": FORMAT})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(str(tmp))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "config.json")
+        section["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
+        config["spinquant"] = section
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def read_section(path: str | Path) -> dict | None:
+    """The "spinquant" section of DIR/config.json, or None when DIR is not a spinquant checkpoint."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    section = data.get("spinquant") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    return read_section(path) is not None
+
+
+def verify_files(path: Path, files: dict[str, str]) -> None:
+    """Refuse a checkpoint whose files are missing, truncated or modified."""
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise SpinQuantError(f"{f} is missing from the checkpoint; re-save the model (spinquant quantize "
+                                 "--output ... --overwrite)")
+        if sha256_file(f) != digest:
+            raise SpinQuantError(f"{f} does not match its recorded sha256 (corrupted, truncated or modified); "
+                                 "re-save the model (spinquant quantize --output ... --overwrite)")
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   weight_only: str = "cached", head_act_bits: int = 8, verify: bool = True, fuse: bool = True):
+    """(runtime model, tokenizer) from a folder written by `save_quantized`. Reads JSON and safetensors only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    data = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    section = data.pop("spinquant", None)
+    if not isinstance(section, dict):
+        raise SpinQuantError(f"{path} is not a spinquant checkpoint (no 'spinquant' in config.json); "
+                             "save one with: spinquant quantize --output DIR")
+    if section.get("format") != FORMAT or int(section.get("format_version", 0)) > FORMAT_VERSION:
+        raise SpinQuantError(f"{path} has checkpoint format {section.get('format')} "
+                             f"v{section.get('format_version')}; this spinquant reads {FORMAT} "
+                             f"v{FORMAT_VERSION}: upgrade spinquant or re-save the model")
+    if weight_only not in ("cached", "otf"):
+        raise SpinQuantError(f"weight-only mode {weight_only!r} is unknown; use cached or otf")
+    if verify:
+        verify_files(path, section.get("files", {}))
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise SpinQuantError(f"cannot read {path / WEIGHTS_FILE} ({e}); re-save the model") from None
+    model_type = data.pop("model_type")
+    config = AutoConfig.for_model(model_type, **data)
+    from .model import build_model
+
+    model = build_model(config, tensors, section, dtype=dtype, weight_only=weight_only,
+                        head_act_bits=head_act_bits, fuse=fuse)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model.to(device)
+    model.spinquant_source = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")) else None
+    return model, tokenizer
+
+
+def load(path: str | Path, **kwargs):
+    """`spinquant.load(DIR)`: the runtime model (its tokenizer is at `model.tokenizer`)."""
+    model, tokenizer = load_quantized(path, **kwargs)
+    model.tokenizer = tokenizer
+    return model

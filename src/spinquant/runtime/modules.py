@@ -1,0 +1,242 @@
+"""Runtime replacements for the fake-quant modules: integer linears, weight-only linears, int8 embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantSpec
+from ..quant.quantizer import fake_quantize
+from .kernels import centered_codes, hadamard, int8_matmul, quantize_activation
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """(codes - zero) · scale, per row or per group, in float32 like `QuantizedTensor.dequantize`, then `dtype`."""
+    n, k = codes.shape
+    g = codes.float().reshape(n, -1, group or k)
+    z = zero.float().reshape(n, -1, 1) if zero is not None else 0.0
+    return ((g - z) * scale.float().reshape(n, -1, 1)).reshape(n, k).to(dtype)
+
+
+class IntLinear(nn.Module):
+    """y = (x_int · W_intᵀ) · s_x · s_w (+ b): dynamic per-token int activations, int32 accumulation.
+
+    `weight_int` holds codes minus their zero point (int8, one byte per weight in memory). Per-group
+    scales (of the weight, the activation, or both with the same group size) run one integer matmul per
+    group and sum the scaled partial results in float.
+    """
+
+    def __init__(self, weight_int: torch.Tensor, weight_scale: torch.Tensor, act: QuantSpec,
+                 bias: torch.Tensor | None = None, weight_group: int | None = None, hadamard: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        n, k = weight_int.shape
+        a_group = act.group_size if act.group_size not in (None, k) else None
+        w_group = weight_group if weight_group not in (None, k) else None
+        if a_group and w_group and a_group != w_group:
+            raise ValueError("weight and activation groups differ; use WeightOnlyLinear with fake activations")
+        self.in_features, self.out_features = k, n
+        self.act = act
+        self.group = w_group or a_group
+        self.act_groups = k // a_group if a_group else 1
+        self.hadamard = hadamard
+        self.dtype = dtype
+        groups = k // self.group if self.group else 1
+        # Scales as [weight groups, N] so one row broadcasts over a [M, N] partial result.
+        self.register_buffer("weight_scale", weight_scale.float().reshape(n, -1).t().contiguous().to(dtype))
+        if self.group:
+            # [G, N, g]: each group's slice is a contiguous row-major block, its .t() what _int_mm wants.
+            self.register_buffer("weight_int", weight_int.reshape(n, groups, self.group).transpose(0, 1).contiguous())
+        else:
+            self.register_buffer("weight_int", weight_int.contiguous())
+        needs_sum = not act.symmetric and act.bits >= 8
+        wsum = self.weight_int.sum(-1, dtype=torch.int32) if needs_sum else None  # [N] or [G, N]
+        self.register_buffer("weight_sum", wsum)
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.hadamard:  # R4: the online Hadamard runs before the activation quantizer, as in fake quant
+            x2 = hadamard(x2)
+        y = self._grouped(x2) if self.group else self._per_channel(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _per_channel(self, x2: torch.Tensor) -> torch.Tensor:
+        q, sx, zx = quantize_activation(x2, self.act)
+        xi, offset = centered_codes(q, zx, self.act)
+        acc = int8_matmul(xi, self.weight_int.t())
+        if offset is not None:
+            acc += offset.to(torch.int32) * self.weight_sum
+        return acc.to(self.dtype) * sx.to(self.dtype) * self.weight_scale[0]
+
+    def _grouped(self, x2: torch.Tensor) -> torch.Tensor:
+        m = x2.shape[0]
+        ga = self.act_groups
+        q, sx, zx = quantize_activation(x2.reshape(m, ga, -1), self.act)  # scales [M, Ga, 1]
+        xi, offset = centered_codes(q, zx, self.act)
+        groups = self.weight_int.shape[0]
+        xi = xi.reshape(m, groups, self.group).transpose(0, 1).contiguous()  # [G, M, g]
+        y = None
+        for j in range(groups):
+            acc = int8_matmul(xi[j], self.weight_int[j].t())
+            ja = j if ga > 1 else 0
+            if offset is not None:
+                acc += offset[:, ja].to(torch.int32) * self.weight_sum[j]
+            ws = self.weight_scale[j if self.weight_scale.shape[0] > 1 else 0]
+            part = acc.to(self.dtype) * sx[:, ja].to(self.dtype) * ws
+            y = part if y is None else y + part
+        return y
+
+    def extra_repr(self) -> str:
+        a = self.act
+        return (f"in={self.in_features}, out={self.out_features}, act=int{a.bits}"
+                f"{'' if a.symmetric else ' asym'} clip={a.clip_ratio}, group={self.group}, r4={self.hadamard}")
+
+
+class WeightOnlyLinear(nn.Module):
+    """Weight-only quantized linear (W4A16 and friends), and the exact fallback for layouts the integer
+    kernel does not take (then `act` fake-quantizes the input in float, as the fake-quant model does).
+
+    mode "cached": dequantize once at load (fastest on CPU; memory of the compute dtype).
+    mode "otf": keep int8 codes and dequantize on every call (one byte per weight in memory).
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None,
+                 bias: torch.Tensor | None = None, act: QuantSpec | None = None, hadamard: bool = False,
+                 mode: str = "cached", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group = group if group not in (None, self.in_features) else None
+        self.act = act if act is not None and act.enabled else None
+        self.hadamard = hadamard
+        self.mode = mode
+        self.dtype = dtype
+        if mode == "cached":
+            self.register_buffer("weight", dequantize(codes, scale, zero, self.group, dtype))
+            for name in ("codes", "scale", "zero"):
+                self.register_buffer(name, None)
+        elif mode == "otf":
+            self.register_buffer("weight", None)
+            self.register_buffer("codes", codes.contiguous())  # int8 (int16 only for unsigned 8-bit codes)
+            self.register_buffer("scale", scale.float().contiguous())
+            self.register_buffer("zero", None if zero is None else zero.float().contiguous())
+        else:
+            raise ValueError(f"unknown weight-only mode {mode!r}")
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard:
+            x = hadamard(x)
+        if self.act is not None:
+            x = fake_quantize(x, self.act)
+        x = x.to(self.dtype)
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        if self.group is None and self.zero is None:
+            # Per-channel symmetric: scale the output instead of the weight (cheaper than building W).
+            y = F.linear(x, self.codes.to(self.dtype)) * self.scale.to(self.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, dequantize(self.codes, self.scale, self.zero, self.group, self.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        act = f"fake int{self.act.bits}" if self.act else "16-bit"
+        return (f"in={self.in_features}, out={self.out_features}, mode={self.mode}, group={self.group}, "
+                f"act={act}, r4={self.hadamard}")
+
+
+class FloatLinear(nn.Module):
+    """A float weight (weights left at 16 bits) with the optional R4 and fake activation quantizer."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, act: QuantSpec | None = None,
+                 hadamard: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.act = act if act is not None and act.enabled else None
+        self.hadamard = hadamard
+        self.register_buffer("weight", weight.to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard:
+            x = hadamard(x)
+        if self.act is not None:
+            x = fake_quantize(x, self.act)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table as int8 codes with one float scale per row (token)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().reshape(-1).contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.codes).to(self.dtype)
+        return rows * self.scale[ids].unsqueeze(-1).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+class FusedInput(nn.Module):
+    """Linears that read the same tensor (q/k/v, gate/up) run as one module; each role takes its slice.
+
+    Decode is dominated by per-call overhead, not by FLOPs: one activation quantization and one integer
+    matmul instead of three saves a third of the ops per layer. The output of the last input is kept
+    (the input is held too, so its identity and version cannot be reused by another tensor).
+    """
+
+    def __init__(self, fused: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.fused = fused
+        self.sizes = sizes
+        self._memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        memo = self._memo
+        version = _version(x)
+        if memo is not None and memo[0] is x and memo[1] == version:
+            return memo[2]
+        y = self.fused(x)
+        self._memo = (x, version, y)
+        return y
+
+    def slices(self) -> list[LinearSlice]:
+        out, start = [], 0
+        for size in self.sizes:
+            out.append(LinearSlice(self, start, start + size))
+            start += size
+        return out
+
+
+def _version(x: torch.Tensor) -> int:
+    """In-place write counter; inference-mode tensors have none (then identity alone decides)."""
+    return -1 if x.is_inference() else x._version
+
+
+class LinearSlice(nn.Module):
+    """One role's columns of a `FusedInput` (registered on the layer, referenced here without a copy)."""
+
+    def __init__(self, owner: FusedInput, start: int, end: int):
+        super().__init__()
+        self._owner = [owner]  # a list: keeps the shared module out of this module's state_dict
+        self.start, self.end = start, end
+        self.in_features = owner.fused.in_features
+        self.out_features = end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._owner[0].output(x)[..., self.start: self.end]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.end} of {type(self._owner[0].fused).__name__}"

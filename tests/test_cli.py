@@ -1,0 +1,128 @@
+"""The command line end to end on tiny models, and its one-line errors for bad input."""
+
+import json
+
+import pytest
+import transformers
+from conftest import byte_tokenizer, save_tiny
+
+from spinquant.cli import main
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "eval.txt").write_text(TEXT)
+    (d / "calib.txt").write_text(TEXT[::-1])
+    return d
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def small(files, *extra):
+    return ["--eval-data", str(files / "eval.txt"), "--calib-data", str(files / "calib.txt"),
+            "--seq-len", "64", "--max-windows", "2", *extra]
+
+
+def test_quantize_end_to_end_prints_json(tiny_dir, files, capsys):
+    code, out, err = run_cli(["quantize", "--model", str(tiny_dir), *small(files), "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["quant"] == "W4A4KV4" and result["method"] == "hadamard"
+    assert result["ppl"] > 1
+
+
+def test_eval_and_compare(tiny_dir, files, capsys, tmp_path):
+    code, out, _ = run_cli(["eval", "--model", str(tiny_dir), *small(files)[:2], "--seq-len", "64",
+                            "--max-windows", "2", "--json"], capsys)
+    assert code == 0
+    fp = json.loads(out.strip().splitlines()[-1])["ppl"]
+    md = tmp_path / "table.md"
+    code, out, err = run_cli(["compare", "--model", str(tiny_dir), *small(files), "--methods", "fp,rtn,hadamard",
+                              "--markdown", str(md), "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert [r["method"] for r in rows] == ["fp", "rtn", "hadamard"]
+    assert rows[0]["ppl"] == pytest.approx(fp)
+    assert "| hadamard | W4A4KV4 |" in md.read_text()
+
+
+def test_learned_rotation_via_cli_saves_and_reuses(tiny_dir, files, capsys, tmp_path):
+    rot = tmp_path / "rot.safetensors"
+    args = ["quantize", "--model", str(tiny_dir), *small(files), "--rotation", "learned", "--train-steps", "2",
+            "--train-seq-len", "32", "--train-batch", "2", "--save-rotation", str(rot), "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    first = json.loads(out.strip().splitlines()[-1])
+    assert first["train"]["steps"] == 2 and rot.is_file()
+    code, out, err = run_cli(["quantize", "--model", str(tiny_dir), *small(files), "--rotation", "learned",
+                              "--rotation-file", str(rot), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["ppl"] == pytest.approx(first["ppl"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("odd")
+    gpt2 = d / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=260)
+                                 ).save_pretrained(gpt2)
+    byte_tokenizer().save_pretrained(gpt2)
+    # hidden 92 = 4·23: no Hadamard construction is known for it.
+    odd = save_tiny(d / "hidden92", hidden_size=92, head_dim=16)
+    return {"gpt2": gpt2, "odd": odd}
+
+
+BAD = {
+    "bits 9": (["--w-bits", "9"], "weight bits = 9"),
+    "bits 1": (["--a-bits", "1"], "activation bits = 1"),
+    "bits 0": (["--kv-bits", "0"], "bits = 0"),
+    "bits 17": (["--w-bits", "17"], "weight bits = 17"),
+    "non-integer bits": (["--w-bits", "four"], "bits must be an integer"),
+    "unknown flag": (["--frobnicate"], "unrecognized arguments"),
+    "missing data file": (["--eval-data", "/nonexistent/eval.txt"], "not found"),
+    "unknown model name": (["--model", "no-such-model"], "not found"),
+    "negative seq len": (["--seq-len", "-5"], "positive"),
+    "eval text as calibration": (["--calib-data", "wikitext2", "--eval-data", "wikitext2"], "calibrat"),
+    "rotation file without learned": (["--rotation-file", "x.safetensors"], "--rotation learned"),
+    "missing rotation file": (["--rotation", "learned", "--rotation-file", "/nonexistent.safetensors"], "not found"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_one_line_error_exit_2(name, tiny_dir, files, capsys):
+    extra, expected = BAD[name]
+    base = ["quantize", "--model", str(tiny_dir), *small(files)]
+    code, out, err = run_cli(base + extra, capsys)
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("spinquant: error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_unsupported_architecture_lists_supported(odd_models, files, capsys):
+    code, _, err = run_cli(["quantize", "--model", str(odd_models["gpt2"]), *small(files)], capsys)
+    assert code == 2 and "'gpt2' is not supported" in err and "llama" in err
+
+
+def test_impossible_hadamard_size_suggests_random(odd_models, files, capsys):
+    code, _, err = run_cli(["quantize", "--model", str(odd_models["odd"]), *small(files)], capsys)
+    assert code == 2 and "92" in err and "--rotation random" in err
+    code, _, err = run_cli(["quantize", "--model", str(odd_models["odd"]), *small(files), "--rotation", "random",
+                            "--no-r3", "--no-r4"], capsys)
+    assert code == 0, err
+
+
+def test_existing_output_is_never_overwritten(tiny_dir, files, capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(["quantize", "--model", str(tiny_dir), *small(files), "--output", str(out_dir)], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out_dir / "precious.txt").read_text() == "keep me"
