@@ -26,7 +26,13 @@ CONFIGS: dict[str, tuple[int, int, int] | None] = {
     "fp32": None, "bf16": None,
     "w8a8": (8, 8, 8), "w4a8": (4, 8, 8), "w4a16": (4, 16, 16), "w4a4": (4, 4, 4),
 }
-DEFAULT_CONFIGS = "fp32,bf16,w8a8,w4a8,w4a16"
+# W4A16 runtime variants: same checkpoint, another weight-only kernel (see runtime.modules.WeightOnlyLinear)
+VARIANTS = {"w4a16-otf": ("w4a16", "otf"), "w4a16-int4": ("w4a16", "int4pack")}
+DEFAULT_CONFIGS = "fp32,bf16,w8a8,w4a8,w4a16,w4a16-int4"
+
+
+def checkpoint_of(name: str) -> str:
+    return VARIANTS[name][0] if name in VARIANTS else name
 
 
 def peak_rss() -> int:
@@ -57,6 +63,7 @@ def prepare(names: list[str], workdir: Path, model_name: str, rebuild: bool) -> 
     from spinquant.pipeline import quantize_model
     from spinquant.runtime import save_quantized
 
+    names = sorted({checkpoint_of(n) for n in names})
     todo = [n for n in names if rebuild or not (workdir / n / "config.json").is_file()]
     if not todo:
         return
@@ -105,10 +112,13 @@ def child(name: str, path: Path, prompt_len: int, decode_tokens: int, repeats: i
 
     base_rss = peak_rss()
     t = time.perf_counter()
-    if CONFIGS[name] is None:
+    if name in VARIANTS:
+        weight_only = VARIANTS[name][1]
+    if CONFIGS.get(name, ()) is None:
         dtype = torch.float32 if name == "fp32" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        new_cache = lambda: None  # noqa: E731  (transformers makes its DynamicCache)
+        def new_cache():  # transformers makes its own DynamicCache
+            return None
     else:
         model, _ = rt.load_quantized(path, weight_only=weight_only)
         new_cache = model.new_cache
@@ -146,39 +156,46 @@ def child(name: str, path: Path, prompt_len: int, decode_tokens: int, repeats: i
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of {', '.join([*CONFIGS, *VARIANTS])}")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--workdir", default="bench-runtime-models", help="where checkpoints are kept")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "spinquant" / "bench-runtime"),
+                   help="where the checkpoints are kept between runs")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (tokens)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens timed in the decode loop (batch 1)")
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child (the CPU may be shared)")
-    p.add_argument("--weight-only", choices=("cached", "otf"), default="cached",
-                   help="W4A16: dequantize once at load (cached) or on every call (otf)")
+    p.add_argument("--weight-only", choices=("cached", "otf", "int4pack"), default="cached",
+                   help="kernel of the plain w4a16 config: dequantize once at load (cached), on every call "
+                        "(otf), or torch's packed int4 CPU kernel in bf16 (int4pack); w4a16-otf / w4a16-int4 "
+                        "pick one per row")
     p.add_argument("--rebuild", action="store_true", help="re-quantize and re-save every checkpoint")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--prepare-only", action="store_true", help="write the checkpoints, measure nothing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     workdir = Path(a.workdir)
 
     if a.child:
-        row = child(a.child, workdir / a.child, a.prompt_len, a.decode_tokens, a.repeats, a.threads, a.weight_only)
+        row = child(a.child, workdir / checkpoint_of(a.child), a.prompt_len, a.decode_tokens, a.repeats, a.threads,
+                    a.weight_only)
         print("RESULT " + json.dumps(row))
         return 0
 
     names = [n.strip() for n in a.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if n not in CONFIGS and n not in VARIANTS]
     if unknown:
-        p.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+        p.error(f"unknown config(s) {unknown}; choose from {', '.join([*CONFIGS, *VARIANTS])}")
     workdir.mkdir(parents=True, exist_ok=True)
     prepare(names, workdir, a.model, a.rebuild)
+    if a.prepare_only:
+        return 0
     rows = []
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", str(workdir), "--prompt-len",
                str(a.prompt_len), "--decode-tokens", str(a.decode_tokens), "--repeats", str(a.repeats),
                "--threads", str(a.threads), "--weight-only", a.weight_only]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(f"{name}: child failed\n{proc.stderr[-2000:]}", file=sys.stderr)

@@ -126,3 +126,21 @@ def test_existing_output_is_never_overwritten(tiny_dir, files, capsys, tmp_path)
     code, _, err = run_cli(["quantize", "--model", str(tiny_dir), *small(files), "--output", str(out_dir)], capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (out_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_atomic_output_has_normal_permissions_and_no_leftovers(tmp_path):
+    import os
+
+    from spinquant.io import atomic_path
+
+    target = tmp_path / "file.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "failed.txt") as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -5,6 +5,7 @@ from .config import EvalConfig, GPTQConfig, QuantConfig, QuantSpec, RotationConf
 from .errors import SpinQuantError
 from .evaluate import perplexity
 from .loading import load_model
+from .runtime.checkpoint import load
 
 __version__ = "0.1.0"
 __all__ = [

@@ -42,17 +42,59 @@ def run_eval(cfg: RunConfig) -> dict:
     windows = eval_windows(cfg, model, tokenizer)
     t = time.perf_counter()
     ppl = perplexity(model, windows, batch_size=cfg.eval.batch_size)
-    console.print(f"{cfg.model}  FP  {cfg.eval.data} ppl = [bold]{ppl:.2f}[/] ({len(windows)}×{cfg.eval.seq_len} tokens)")
-    return {"model": cfg.model, "method": "fp", "ppl": ppl, "windows": len(windows),
-            "seq_len": cfg.eval.seq_len, "eval_seconds": time.perf_counter() - t}
+    packed = getattr(model, "spinquant_config", None)  # a checkpoint saved with quantize --output
+    method = packed["quantization"]["label"] if packed else "fp"
+    console.print(f"{cfg.model}  {method.upper()}  {cfg.eval.data} ppl = [bold]{ppl:.2f}[/] "
+                  f"({len(windows)}×{cfg.eval.seq_len} tokens)")
+    result = {"model": cfg.model, "method": method, "ppl": ppl, "windows": len(windows),
+              "seq_len": cfg.eval.seq_len, "eval_seconds": time.perf_counter() - t}
+    return add_task_results(result, cfg, model, tokenizer, label=method.upper())
 
 
-def run_quantize(cfg: RunConfig, evaluate: bool = True) -> dict:
+def run_tasks(cfg: RunConfig, model, tokenizer, progress: bool = True) -> dict | None:
+    """Zero-shot accuracy on cfg.eval.tasks ({task: {acc, acc_norm, n}}), or None when no task was asked."""
+    if not cfg.eval.tasks:
+        return None
+    from .lm_eval_bridge import evaluate_tasks
+
+    return evaluate_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit, progress=progress)
+
+
+def print_tasks(results: dict, label: str = "") -> None:
+    from .lm_eval_bridge import average_accuracy, main_metric
+
+    table = Table(title=f"zero-shot accuracy {label}".strip())
+    for col in ("task", "acc", "acc_norm", "n"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, r in results.items():
+        cells = [f"{100 * r[k]:.1f}" + ("*" if main_metric(task) == k else "") for k in ("acc", "acc_norm")]
+        table.add_row(task, *cells, str(r.get("n", "-")))
+    avg = average_accuracy(results)
+    if avg is not None and len(results) > 1:
+        table.add_row("avg (*)", f"{100 * avg:.1f}", "", "")
+    console.print(table)
+
+
+def add_task_results(result: dict, cfg: RunConfig, model, tokenizer, label: str = "") -> dict:
+    """Run the requested zero-shot tasks, print them, and put them under result["tasks"]."""
+    tasks = run_tasks(cfg, model, tokenizer)
+    if tasks is not None:
+        print_tasks(tasks, label)
+        result["tasks"] = tasks
+    return result
+
+
+def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
+    """export: a spinquant.export.ExportRequest, written from the quantized model in memory."""
     if cfg.output:
         from .io import check_writable
         from pathlib import Path
 
         check_writable(Path(cfg.output), cfg.overwrite)  # fail before an hour of work, not after
+    if export is not None:
+        from .export import check_request
+
+        check_request(export, cfg)  # an export that cannot work fails now, before the quantization
     model, tokenizer = load_model(cfg.model)
     windows = eval_windows(cfg, model, tokenizer) if evaluate else None
     report = quantize(model, tokenizer, cfg)
@@ -70,7 +112,12 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True) -> dict:
         save_quantized(model, tokenizer, cfg, cfg.output, overwrite=cfg.overwrite)
         result["output"] = cfg.output
         console.print(f"saved to {cfg.output}")
-    return result
+    if export is not None:
+        from .export import run_export
+
+        result["export"] = {"format": export.format, "output": str(run_export(model, tokenizer, export))}
+        console.print(f"exported {export.format} to {export.output}")
+    return add_task_results(result, cfg, model, tokenizer, label=cfg.quant.label)
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
@@ -87,7 +134,19 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     raise SpinQuantError(f"unknown method {method!r}; use fp, rtn, hadamard, random or learned")
 
 
-def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None) -> dict:
+def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None, plot: str | None = None) -> dict:
+    """plot: also write a PNG chart there, and the Markdown table beside it (same name, .md) unless `markdown`."""
+    from pathlib import Path
+
+    from .io import check_writable
+
+    if plot and Path(plot).suffix.lower() != ".png":
+        raise SpinQuantError(f"--plot writes a PNG file; give it a name ending in .png, not {Path(plot).name!r}")
+    if plot and not markdown:
+        markdown = str(Path(plot).with_suffix(".md"))
+    for out in (markdown, plot):
+        if out:
+            check_writable(Path(out), cfg.overwrite)  # before the comparison runs, not after
     base, tokenizer = load_model(cfg.model)
     windows = eval_windows(cfg, base, tokenizer)
     rows = []
@@ -102,23 +161,63 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None)
         rows.append({"method": method, "quant": "FP" if method == "fp" else mcfg.quant.label,
                      "weights": "-" if method == "fp" else mcfg.quant.weight_method,
                      "ppl": ppl, "quantize_seconds": seconds})
+        tasks = run_tasks(cfg, model, tokenizer)
+        if tasks is not None:
+            rows[-1]["tasks"] = tasks
         del model
+    from .plot import accuracy_cells, accuracy_headers, plot_comparison, task_names, write_markdown
+
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
-    table = Table(title=f"{cfg.model} — {cfg.eval.data}, {len(windows)}×{cfg.eval.seq_len} tokens")
-    for col in ("method", "bits", "weights", "perplexity", "vs FP", "quantize s"):
+    title = f"{cfg.model} — {cfg.eval.data}, {len(windows)}×{cfg.eval.seq_len} tokens"
+    if cfg.eval.tasks:
+        title += f"; zero-shot {'first ' + str(cfg.eval.task_limit) if cfg.eval.task_limit else 'all'} items"
+    names = task_names(rows)
+    table = Table(title=title)
+    for col in ("method", "bits", "weights", "perplexity", "vs FP", "quantize s", *accuracy_headers(names)):
         table.add_column(col, justify="left" if col in ("method", "bits", "weights") else "right")
     for r in rows:
         rel = f"{r['ppl'] / fp:.2f}×" if fp else "-"
-        table.add_row(r["method"], r["quant"], r["weights"], f"{r['ppl']:.2f}", rel, f"{r['quantize_seconds']:.0f}")
+        table.add_row(r["method"], r["quant"], r["weights"], f"{r['ppl']:.2f}", rel, f"{r['quantize_seconds']:.0f}",
+                      *accuracy_cells(r, names))
     console.print(table)
+    result = {"model": cfg.model, "eval_data": cfg.eval.data, "rows": rows}
     if markdown:
-        from pathlib import Path
+        result["markdown"] = str(write_markdown(rows, markdown, title, overwrite=cfg.overwrite))
+    if plot:
+        result["plot"] = str(plot_comparison(rows, plot, title, overwrite=cfg.overwrite))
+        console.print(f"wrote {result['plot']} and {result['markdown']}")
+    return result
 
-        from .io import atomic_path
 
-        lines = ["| method | bits | weights | perplexity | vs FP |", "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['quant']} | {r['weights']} | {r['ppl']:.2f} | "
-                  f"{(r['ppl'] / fp) if fp else float('nan'):.2f}× |" for r in rows]
-        with atomic_path(Path(markdown), overwrite=cfg.overwrite) as tmp:
-            tmp.write_text("\n".join(lines) + "\n")
-    return {"model": cfg.model, "eval_data": cfg.eval.data, "rows": rows}
+def run_export(source: str, request) -> dict:
+    """Export a folder saved by `quantize --output` (request: a spinquant.export.ExportRequest)."""
+    from .export import check_request
+    from .export import run_export as write_export
+
+    check_request(request)
+    t = time.perf_counter()
+    out = write_export(source, None, request)
+    console.print(f"exported {source} as {request.format} to {out}")
+    return {"source": source, "format": request.format, "output": str(out), "seconds": time.perf_counter() - t}
+
+
+def run_generate(model_name: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0, stream: bool = True) -> dict:
+    """Generate from a packed checkpoint folder (or any model load_model takes); streams to stdout."""
+    import sys
+
+    from .runtime.generate import generate_text
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(model_name)
+    result = generate_text(model, tokenizer, prompt, max_new_tokens, temperature, out=sys.stdout if stream else None)
+    return {"model": model_name, **result}
+
+
+def run_chat(model_name: str, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Interactive chat on stdin/stdout (chat template when the tokenizer has one); EOF or 'exit' ends it."""
+    from .runtime.generate import chat_loop
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(model_name)
+    return {"model": model_name, **chat_loop(model, tokenizer, max_new_tokens, temperature)}

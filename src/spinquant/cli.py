@@ -50,6 +50,35 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=_positive, default=2048, help="perplexity window length (tokens)")
     g.add_argument("--max-windows", type=_positive, default=16, help="evaluate the first N windows")
     g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    g.add_argument("--tasks", help="zero-shot tasks, comma list: piqa, arc_easy, hellaswag run offline; other "
+                                   "lm-eval names (arc_challenge, boolq, social_iqa, openbookqa, winogrande) "
+                                   "need spinquant[lm-eval]; 'spinquant' = the paper's eight")
+    g.add_argument("--task-limit", type=_positive, help="score only the first N items of each task")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    from .export import DTYPE_CHOICES, FORMATS, WEIGHT_TYPES
+
+    g = p.add_argument_group("export (from the quantized model in memory)")
+    g.add_argument("--export", choices=FORMATS, help="also write the model in this format")
+    g.add_argument("--export-output", help="file (gguf, rotations) or folder (compressed-tensors) to write")
+    g.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type (default Q8_0)")
+    g.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
+                   help="compressed-tensors: dtype of scales and float tensors (default bfloat16)")
+
+
+def export_request(a: argparse.Namespace, fmt: str | None, output: str | None):
+    """The ExportRequest the flags ask for, or None."""
+    if not fmt:
+        if output:
+            raise SpinQuantError("--export-output needs --export FORMAT (compressed-tensors, gguf or rotations)")
+        return None
+    from .export import ExportRequest
+
+    if not output:
+        raise SpinQuantError(f"--export {fmt} needs --export-output PATH")
+    return ExportRequest(format=fmt, output=output, gguf_type=a.gguf_type, dtype=a.export_dtype,
+                         overwrite=a.overwrite)
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +125,10 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     """Flags → RunConfig (validated)."""
     cfg = RunConfig(model=a.model, seed=a.seed)
     cfg.eval = replace(cfg.eval, data=a.eval_data, seq_len=a.seq_len, max_windows=a.max_windows)
+    if getattr(a, "tasks", None):
+        from .lm_eval_bridge import check_tasks, parse_tasks
+
+        cfg.eval = replace(cfg.eval, tasks=check_tasks(parse_tasks(a.tasks)), task_limit=a.task_limit)
     if not hasattr(a, "w_bits"):
         return cfg.validate()
     cfg.quant = QuantConfig(
@@ -131,10 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(q)
     add_quant_args(q)
     add_eval_args(q)
+    add_export_args(q)
 
-    e = sub.add_parser("eval", help="evaluate the floating-point model")
+    e = sub.add_parser("eval", help="evaluate the floating-point model, or a folder saved by quantize --output")
     add_model_args(e)
     add_eval_args(e)
+    e.add_argument("path", nargs="?", help="model folder (same as --model), e.g. a saved quantized model")
+
+    for name, text in (("generate", "continue a prompt with a model (a saved quantized folder or any model)"),
+                       ("chat", "chat on stdin/stdout with a model; EOF or 'exit' ends it")):
+        g = sub.add_parser(name, help=text)
+        g.add_argument("model", help="model folder (e.g. from quantize --output), .gguf file, hub id or built-in")
+        if name == "generate":
+            g.add_argument("prompt", help="text to continue")
+        g.add_argument("--max-new-tokens", type=_positive, default=64 if name == "generate" else 256)
+        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        g.set_defaults(eval_data="wikitext2", seq_len=2048, max_windows=16)  # unused; config_from_args reads them
 
     c = sub.add_parser("compare", help="FP / RTN / Hadamard / learned side by side in one table")
     add_model_args(c)
@@ -143,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="fp,rtn,hadamard",
                    help="comma list of fp, rtn (no rotation), hadamard, random, learned")
     c.add_argument("--markdown", help="also write the table as Markdown to this file")
+    c.add_argument("--plot", help="also write a PNG chart (perplexity, log scale; accuracy with --tasks) to this "
+                                  "file, and the Markdown table beside it")
+
+    x = sub.add_parser("export", help="write a folder saved by quantize --output as compressed-tensors or GGUF")
+    x.add_argument("model", metavar="SRC", help="quantized model folder from spinquant quantize --output")
+    x.add_argument("--format", required=True, choices=("compressed-tensors", "gguf"),
+                   help="compressed-tensors (vLLM, transformers) or gguf (llama.cpp; needs --no-r3 --no-r4)")
+    x.add_argument("--output", required=True, help="folder (compressed-tensors) or .gguf file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    from .export import DTYPE_CHOICES, WEIGHT_TYPES
+
+    x.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type (default Q8_0)")
+    x.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
+                   help="compressed-tensors: dtype of scales and float tensors (default bfloat16)")
+    x.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    x.set_defaults(eval_data="wikitext2", seq_len=2048, max_windows=16, seed=0)  # unused; config_from_args reads them
     return p
 
 
@@ -163,19 +226,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quantize(cfg: RunConfig, args) -> dict:
-    return api.run_quantize(cfg, evaluate=not args.no_eval)
+    return api.run_quantize(cfg, evaluate=not args.no_eval,
+                            export=export_request(args, args.export, args.export_output))
 
 
 def _eval(cfg: RunConfig, args) -> dict:
+    if getattr(args, "path", None):
+        cfg = replace(cfg, model=args.path)
     return api.run_eval(cfg)
+
+
+def _generate(cfg: RunConfig, args) -> dict:
+    return api.run_generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+
+
+def _chat(cfg: RunConfig, args) -> dict:
+    return api.run_chat(args.model, args.max_new_tokens, args.temperature, args.seed)
 
 
 def _compare(cfg: RunConfig, args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    return api.run_compare(cfg, methods, markdown=args.markdown)
+    return api.run_compare(cfg, methods, markdown=args.markdown, plot=args.plot)
 
 
-COMMANDS = {"quantize": _quantize, "eval": _eval, "compare": _compare}
+def _export(cfg: RunConfig, args) -> dict:
+    return api.run_export(args.model, export_request(args, args.format, args.output))
+
+
+COMMANDS = {"quantize": _quantize, "eval": _eval, "compare": _compare, "generate": _generate, "chat": _chat,
+            "export": _export}
 
 
 if __name__ == "__main__":  # pragma: no cover

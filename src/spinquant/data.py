@@ -104,9 +104,19 @@ def _hub_allowed() -> bool:
     return True
 
 
+def _local_copy(relative: str | None) -> Path | None:
+    """The shared-data copy of a named source, if present: byte-identical, so it wins over a download."""
+    root = shared_data_dir()
+    if relative is None or root is None:
+        return None
+    path = root / relative
+    return path if path.is_file() else None
+
+
 def _load_wikitext(name: str) -> str:
     split, local = _WIKITEXT[name]
-    if _hub_allowed():
+    path = _local_copy(local)
+    if path is None and _hub_allowed():
         try:
             from datasets import load_dataset
 
@@ -119,7 +129,7 @@ def _load_wikitext(name: str) -> str:
             "wikitext2-train needs the `datasets` package and a network; "
             "use wikitext2-valid or c4 or a local text file for calibration instead"
         )
-    path = _shared_file(local, name)
+    path = path or _shared_file(local, name)
     # Rebuild the hub's rows from the raw file: one row per line (newline kept), blank lines as "".
     # Joined with "\n\n" this is exactly the string the usual `"\n\n".join(ds["text"])` evaluation uses.
     with path.open(encoding="utf-8") as f:
@@ -128,6 +138,9 @@ def _load_wikitext(name: str) -> str:
 
 
 def _load_c4() -> str:
+    local = _local_copy(_C4_LOCAL)
+    if local is not None:
+        return _read_local(local)
     if _hub_allowed():
         try:
             from datasets import load_dataset

@@ -33,6 +33,10 @@ def atomic_path(path: str | Path, overwrite: bool = False, directory: bool = Fal
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) entries; give the output the user's usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)
     try:
         yield tmp
         if path.exists():  # only reachable with overwrite=True

@@ -60,6 +60,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    quantized = load_spinquant_checkpoint(name, dtype, device)
+    if quantized is not None:
+        return quantized
     source, gguf_file = resolve(name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     verbosity = hf_logging.get_verbosity()
@@ -81,5 +84,17 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
 
     adapter_for(model)  # unsupported architectures fail here, before any work
     model.to(device).eval()
+    model.spinquant_source = name
+    return model, tokenizer
+
+
+def load_spinquant_checkpoint(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(runtime model, tokenizer) when `name` is a folder saved by `spinquant quantize --output`, else None."""
+    from .runtime.checkpoint import is_quantized_checkpoint, load_quantized
+
+    path = Path(name).expanduser()
+    if not path.is_dir() or not is_quantized_checkpoint(path):
+        return None
+    model, tokenizer = load_quantized(path, dtype=dtype, device=device)
     model.spinquant_source = name
     return model, tokenizer

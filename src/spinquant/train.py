@@ -161,7 +161,7 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
         import resource
 
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    bar = tqdm(range(tc.steps), desc="training rotations", disable=None if progress else True)
+    bar = tqdm(range(tc.steps), desc="training rotations", disable=not progress, mininterval=2)
     try:
         for step in bar:
             idx = torch.arange(step * tc.batch, (step + 1) * tc.batch) % len(calib_ids)

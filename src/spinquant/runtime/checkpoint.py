@@ -9,7 +9,8 @@ Layout of DIR (nothing in it is ever unpickled):
                         low nibble first; one byte per code above 4 bits), `<path>.scale` (float32, [out] or
                         [out, groups]), `<path>.zero` (uint8, asymmetric weights only), `<path>.bias`;
                         embedding / lm_head as `<path>.qweight` int8 + `<path>.scale` float32 per row, or
-                        `<path>.weight` in 16/32-bit; norms and other tensors as floats
+                        `<path>.weight` in 16/32-bit; a tied lm_head as `lm_head.tied_transform` only
+                        (float32 [hidden, hidden] M: logits = (x·Mᵀ)·embeddingᵀ); norms as floats
     tokenizer files, generation_config.json
 """
 
@@ -85,11 +86,45 @@ def _quantized_specs(model) -> tuple[QuantSpec, QuantSpec, QuantSpec, QuantSpec,
     return weight, act, key, value, r3, r4
 
 
-def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8") -> dict[str, torch.Tensor]:
-    """Every tensor to save, keyed by module path; quantized linears packed."""
-    for what, storage in (("embedding", embedding), ("lm_head", lm_head)):
-        if storage not in TABLE_STORAGE:
-            raise SpinQuantError(f"{what} storage {storage!r} is unknown; use one of {', '.join(TABLE_STORAGE)}")
+def tied_transform(embedding: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-5) -> torch.Tensor | None:
+    """M with lm_head = embedding · M (hidden × hidden), or None when no such M fits.
+
+    A model that was tied before quantization has lm_head = E0·diag(g)·R1 and embedding = E0·R1 (final
+    norm g fused, R1 merged), so M = R1ᵀ·diag(g)·R1 exists: one table serves both, and
+    logits = (x·Mᵀ)·tableᵀ. Found by least squares, so nothing about the pipeline is assumed.
+    """
+    if embedding.shape != lm_head.shape:
+        return None
+    e, w = embedding.detach().double(), lm_head.detach().double()
+    m = torch.linalg.lstsq(e, w).solution
+    rel = float((e @ m - w).norm() / w.norm().clamp(min=1e-30))
+    return m.float() if rel < tol else None
+
+
+def resolve_head_storage(model, embedding: str, lm_head: str) -> tuple[str, torch.Tensor | None]:
+    """("tied", M) when lm_head can share the embedding table, else (storage, None). "auto" prefers tied."""
+    for what, storage, allowed in (("embedding", embedding, TABLE_STORAGE),
+                                   ("lm_head", lm_head, (*TABLE_STORAGE, "tied", "auto"))):
+        if storage not in allowed:
+            raise SpinQuantError(f"{what} storage {storage!r} is unknown; use one of {', '.join(allowed)}")
+    if lm_head not in ("tied", "auto"):
+        return lm_head, None
+    parts = model_parts(model)
+    m = tied_transform(parts.embedding.weight, parts.lm_head.weight)
+    if m is not None and getattr(parts.lm_head, "bias", None) is None:
+        return "tied", m
+    if lm_head == "tied":
+        raise SpinQuantError("lm_head is not the embedding times a hidden x hidden matrix (the model was not "
+                             "tied); save with lm_head='int8' instead")
+    return "int8", None
+
+
+def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
+                    head_transform: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor to save, keyed by module path; quantized linears packed.
+
+    lm_head "tied" (with `head_transform` M from `resolve_head_storage`): only M is stored for the head.
+    """
     parts = model_parts(model)
     adapter = parts.adapter
     out: dict[str, torch.Tensor] = {}
@@ -109,7 +144,10 @@ def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8") -> di
             out[f"{name}.bias"] = module.bias.detach().float().contiguous()
         done.update({f"{name}.weight", f"{name}.bias"})
     _table(adapter.embedding, parts.embedding.weight, embedding, out)
-    _table(adapter.lm_head, parts.lm_head.weight, lm_head, out)
+    if lm_head == "tied":
+        out[f"{adapter.lm_head}.tied_transform"] = head_transform.contiguous()
+    else:
+        _table(adapter.lm_head, parts.lm_head.weight, lm_head, out)
     done.update({f"{adapter.embedding}.weight", f"{adapter.lm_head}.weight"})
     if getattr(parts.lm_head, "bias", None) is not None:
         out[f"{adapter.lm_head}.bias"] = parts.lm_head.bias.detach().float().contiguous()
@@ -142,13 +180,19 @@ def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str
 
 
 def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path, overwrite: bool = False,
-                   embedding: str = "int8", lm_head: str = "int8") -> Path:
-    """Write the quantized `model` (after `pipeline.quantize_model`) as a packed checkpoint folder."""
+                   embedding: str = "int8", lm_head: str = "auto") -> Path:
+    """Write the quantized `model` (after `pipeline.quantize_model`) as a packed checkpoint folder.
+
+    embedding / lm_head: "int8" (per row), "float16", "bfloat16" or "float32"; lm_head may also be "tied"
+    (share the embedding table through a hidden x hidden matrix: models that were tied) or "auto" (tied
+    when that fits, else int8).
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    lm_head, head_transform = resolve_head_storage(model, embedding, lm_head)
     section = spinquant_section(model, cfg, embedding, lm_head)
-    tensors = collect_tensors(model, embedding, lm_head)
+    tensors = collect_tensors(model, embedding, lm_head, head_transform)
     config = model.config.to_dict()
     # Not ours to keep: the attention choice of the fake-quant model, and a source quantization (GGUF) that
     # the packed weights no longer have.
@@ -218,8 +262,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         raise SpinQuantError(f"{path} has checkpoint format {section.get('format')} "
                              f"v{section.get('format_version')}; this spinquant reads {FORMAT} "
                              f"v{FORMAT_VERSION}: upgrade spinquant or re-save the model")
-    if weight_only not in ("cached", "otf"):
-        raise SpinQuantError(f"weight-only mode {weight_only!r} is unknown; use cached or otf")
+    if weight_only not in ("cached", "otf", "int4pack"):
+        raise SpinQuantError(f"weight-only mode {weight_only!r} is unknown; use cached, otf or int4pack")
     if verify:
         verify_files(path, section.get("files", {}))
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantSpec
-from ..quant.quantizer import compute_qparams, qrange
+from ..quant.quantizer import qrange
 
 CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: self.size(0) > 16
 _EXACT_CHUNK = 512  # |a·b| ≤ 2^14 for int8, so 512 products sum to < 2^24: exact in float32
@@ -40,32 +40,50 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), b)
 
 
-def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., n_groups, group] → (codes as floats, scale, zero), each per slice of the last dim.
+def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [..., n] → (codes as floats, scale, zero or None), per slice of the last dim.
 
-    The same operations as `fake_quantize` in the same order (round, + zero, clamp), so codes match
-    exactly; `round_ste(x)` there equals `round(x)` in value.
+    The same float operations as `compute_qparams` + `quantize_codes` (so the codes match the fake
+    quantizer exactly: `round_ste(x)` equals `round(x)` in value), with fewer kernel launches: one
+    aminmax instead of two reductions, in-place updates where the fake path allocates.
     """
-    scale, zero = compute_qparams(x, spec.bits, spec.symmetric, spec.clip_ratio)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
+    clip = spec.clip_ratio
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    if spec.symmetric:
+        amax = torch.maximum(lo.neg_(), hi)  # = |x|.amax
+        if clip != 1.0:
+            amax = amax * clip
+        scale = (amax / qmax).clamp_(min=_scale_floor(x))
+        return torch.round(x / scale).clamp_(qmin, qmax), scale, None
+    # The grid must contain 0: min clamped to ≤ 0, max to ≥ 0 (as compute_qparams does).
+    lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
+    if clip != 1.0:
+        lo, hi = lo * clip, hi * clip
+    scale = (hi - lo) / qmax
+    zero = torch.round(lo.neg_() / scale.clamp(min=torch.finfo(scale.dtype).tiny))
+    scale.clamp_(min=_scale_floor(x))
     q = torch.round(x / scale)
-    if not spec.symmetric:
-        q += zero
-    return q.clamp_(qmin, qmax), scale, zero
+    return q.add_(zero).clamp_(qmin, qmax), scale, zero
 
 
-def centered_codes(q: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codes minus their zero point as int8, plus the per-slice offset still owed (or None).
+def _scale_floor(x: torch.Tensor) -> float:
+    return 1e-8 if x.dtype != torch.float16 else 1e-5
+
+
+def centered_codes(q: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes minus their zero point as int8, plus the per-slice offset still owed (or None). Consumes q.
 
     Symmetric codes already fit int8. Asymmetric codes of ≤ 7 bits minus their zero lie in [-127, 127].
     Unsigned 8-bit codes minus their zero do not fit int8: they are shifted by 128 instead, and the
-    caller adds (128 - zero) · Σ_k w back in int32, which keeps the result exact.
+    caller adds (128 - zero) · Σ_k w back, which keeps the result exact.
     """
-    if spec.symmetric:
+    if zero is None:
         return q.to(torch.int8), None
     if spec.bits < 8:
-        return (q - zero).to(torch.int8), None
-    return (q - 128).to(torch.int8), (128 - zero)
+        return q.sub_(zero).to(torch.int8), None
+    return q.sub_(128).to(torch.int8), zero.neg().add_(128)
 
 
 class HadamardPlan:

@@ -43,17 +43,17 @@ class CodeStore:
             setattr(self, name, grown)
 
     def append(self, x: torch.Tensor) -> None:
-        b, h, t, d = x.shape
+        b, h, t, _ = x.shape
         spec = self.spec
         if not spec.enabled:
             new = {"data": x}
         else:
             q, scale, zero = quantize_activation(x, spec)
             qmin, _ = qrange(spec.bits, spec.symmetric)
-            u = (q - qmin).to(torch.uint8)
+            u = (q.sub_(qmin) if qmin else q).to(torch.uint8)
             new = {"data": pack_unsigned(u, spec.bits), "scale": scale}
-            if not spec.symmetric:
-                new["zero"] = zero.to(torch.uint8)  # integers in [0, 2^bits - 1]
+            if zero is not None:
+                new["zero"] = zero  # kept in float: saves a conversion on every read
         if self.data is None:
             for name, value in new.items():
                 setattr(self, name, value.new_zeros(b, h, 0, value.shape[3]))
@@ -66,13 +66,15 @@ class CodeStore:
         n = self.length
         if not self.spec.enabled:
             return self.data[:, :, :n]
-        u = unpack_unsigned(self.data[:, :, :n], self.spec.bits).to(torch.float32)
+        q = unpack_unsigned(self.data[:, :, :n], self.spec.bits).to(torch.float32)
         qmin, _ = qrange(self.spec.bits, self.spec.symmetric)
         # (code - zero) · scale exactly as the fake quantizer; code = u + qmin is exact in float.
-        q = u + qmin if qmin else u
+        if qmin:
+            q.add_(qmin)
         if self.zero is not None:
-            q = q - self.zero[:, :, :n].to(torch.float32)
-        return (q * self.scale[:, :, :n]).to(dtype)
+            q.sub_(self.zero[:, :, :n])
+        q.mul_(self.scale[:, :, :n])
+        return q if q.dtype == dtype else q.to(dtype)
 
     def nbytes(self) -> int:
         """Bytes held for the stored tokens (not the spare capacity)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
@@ -91,7 +92,8 @@ def make_linear(prefix: str, tensors: dict[str, torch.Tensor], weight: QuantSpec
     n, k = codes.shape
     group = weight.group_size if weight.group_size not in (None, k) else None
     if not act.enabled:
-        return WeightOnlyLinear(codes, scale, zero, group, bias, None, hadamard, weight_only, dtype)
+        mode = "cached" if weight_only == "int4pack" and weight.bits > 4 else weight_only
+        return WeightOnlyLinear(codes, scale, zero, group, bias, None, hadamard, mode, dtype)
     centred = codes.to(torch.int16) - (zero.to(torch.int16).reshape(n, -1, 1).expand(n, -1, group or k)
                                        .reshape(n, k) if zero is not None else 0)
     fits = not centred.numel() or (int(centred.min()) >= -128 and int(centred.max()) <= 127)
@@ -118,14 +120,35 @@ def fuse_saved(prefixes: list[str], tensors: dict[str, torch.Tensor], into: str)
 
 
 def make_embedding(prefix: str, tensors: dict, padding_idx: int | None, dtype: torch.dtype) -> nn.Module:
-    if f"{prefix}.qweight" in tensors:
-        return Int8Embedding(tensors.pop(f"{prefix}.qweight"), tensors.pop(f"{prefix}.scale"), padding_idx, dtype)
-    weight = tensors.pop(f"{prefix}.weight").to(dtype)
+    if f"{prefix}.qweight" in tensors:  # clone: see build_model (no module may pin the file mapping)
+        return Int8Embedding(tensors.pop(f"{prefix}.qweight").clone(), tensors.pop(f"{prefix}.scale"), padding_idx,
+                             dtype)
+    weight = tensors.pop(f"{prefix}.weight").to(dtype).clone()
     return nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=padding_idx)
 
 
-def make_head(prefix: str, tensors: dict, dtype: torch.dtype, head_act_bits: int) -> nn.Module:
+class TiedLMHead(nn.Module):
+    """lm_head that shares the embedding table: logits = head(x·Mᵀ), head reading the table's storage."""
+
+    def __init__(self, transform: torch.Tensor, head: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("transform", transform.to(dtype))
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(x, self.transform))
+
+
+def make_head(prefix: str, tensors: dict, dtype: torch.dtype, head_act_bits: int,
+              embedding: nn.Module | None = None) -> nn.Module:
     bias = _pop(tensors, f"{prefix}.bias")
+    if f"{prefix}.tied_transform" in tensors:
+        transform = tensors.pop(f"{prefix}.tied_transform")
+        if isinstance(embedding, Int8Embedding):
+            table = {f"{prefix}.qweight": embedding.codes, f"{prefix}.scale": embedding.scale}
+        else:
+            table = {f"{prefix}.weight": embedding.weight}
+        return TiedLMHead(transform, make_head(prefix, table, dtype, head_act_bits), dtype)
     if f"{prefix}.qweight" in tensors:
         codes, scale = tensors.pop(f"{prefix}.qweight"), tensors.pop(f"{prefix}.scale")
         if head_act_bits == 8:
@@ -138,7 +161,7 @@ def make_head(prefix: str, tensors: dict, dtype: torch.dtype, head_act_bits: int
 
 def build_model(config, tensors: dict[str, torch.Tensor], sq: dict, dtype: torch.dtype = torch.float32,
                 weight_only: str = "cached", head_act_bits: int = 8, fuse: bool = True) -> nn.Module:
-    """A runtime model from a transformers config, the saved tensors and the `spinquant` config section.
+    """A runtime model from a transformers config, the saved tensors (consumed) and the `spinquant` section.
 
     fuse: run q/k/v and gate/up as one linear each (same results, fewer ops per token).
     """
@@ -158,7 +181,7 @@ def build_model(config, tensors: dict[str, torch.Tensor], sq: dict, dtype: torch
     weight, act = spec_from_dict(q["weight"]), spec_from_dict(q["act"])
     key, value = spec_from_dict(q["key"]), spec_from_dict(q["value"])
     r3, r4 = sq["online_hadamard"]["r3"] is not None, sq["online_hadamard"]["r4"] is not None
-    tensors = dict(tensors)
+    # `tensors` is consumed: each packed tensor is dropped as soon as its runtime module exists.
     for layer in parts.layers:
         path = f"{adapter.layers}.{layer.index}"
         for roles in (FUSED_ROLES if fuse else ()):
@@ -175,11 +198,17 @@ def build_model(config, tensors: dict[str, torch.Tensor], sq: dict, dtype: torch
                                             dtype=dtype, weight_only=weight_only))
         layer.attention.spinquant_rotate_q = r3
     padding_idx = getattr(parts.embedding, "padding_idx", None)
-    set_module(model, adapter.embedding, make_embedding(adapter.embedding, tensors, padding_idx, dtype))
-    parts.set_lm_head(make_head(adapter.lm_head, tensors, dtype, head_act_bits))
+    embedding = make_embedding(adapter.embedding, tensors, padding_idx, dtype)
+    set_module(model, adapter.embedding, embedding)
+    parts.set_lm_head(make_head(adapter.lm_head, tensors, dtype, head_act_bits, embedding))
     # Norms (and anything else stored as plain floats) load into the remaining parameters.
-    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(rest, strict=False, assign=True)
+    # Copies, so that no module keeps the file's memory map (and its touched pages) alive.
+    rest = {k: (v.to(dtype) if v.is_floating_point() else v).clone() for k, v in tensors.items()}
+    tensors.clear()
+    unexpected = model.load_state_dict(rest, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise SpinQuantError(f"the checkpoint has {len(unexpected)} tensors this architecture does not use "
+                             f"(e.g. {unexpected[0]}); re-save the model with this spinquant version")
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb"):  # non-persistent buffers computed in __init__: build for real
             set_module(model, name, type(module)(config=config))

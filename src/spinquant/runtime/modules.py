@@ -44,8 +44,9 @@ class IntLinear(nn.Module):
         self.hadamard = hadamard
         self.dtype = dtype
         groups = k // self.group if self.group else 1
-        # Scales as [weight groups, N] so one row broadcasts over a [M, N] partial result.
-        self.register_buffer("weight_scale", weight_scale.float().reshape(n, -1).t().contiguous().to(dtype))
+        # Scales as [N] (per channel) or [weight groups, N], so a row broadcasts over a [M, N] partial result.
+        scale = weight_scale.float().reshape(n, -1).t().contiguous().to(dtype)
+        self.register_buffer("weight_scale", scale[0].contiguous() if scale.shape[0] == 1 else scale)
         if self.group:
             # [G, N, g]: each group's slice is a contiguous row-major block, its .t() what _int_mm wants.
             self.register_buffer("weight_int", weight_int.reshape(n, groups, self.group).transpose(0, 1).contiguous())
@@ -63,16 +64,25 @@ class IntLinear(nn.Module):
             x2 = hadamard(x2)
         y = self._grouped(x2) if self.group else self._per_channel(x2)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+            y += self.bias
+        y = y.reshape(*lead, self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    CHUNK = 1 << 22  # output elements per integer matmul: bounds the int32 result and oneDNN's scratch
 
     def _per_channel(self, x2: torch.Tensor) -> torch.Tensor:
+        rows = max(1, self.CHUNK // self.out_features)
+        if x2.shape[0] > rows:  # e.g. a 49152-row lm_head over a long prompt: work in row blocks
+            out = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype, device=x2.device)
+            for i in range(0, x2.shape[0], rows):
+                out[i: i + rows] = self._per_channel(x2[i: i + rows])
+            return out
         q, sx, zx = quantize_activation(x2, self.act)
         xi, offset = centered_codes(q, zx, self.act)
         acc = int8_matmul(xi, self.weight_int.t())
         if offset is not None:
-            acc += offset.to(torch.int32) * self.weight_sum
-        return acc.to(self.dtype) * sx.to(self.dtype) * self.weight_scale[0]
+            acc += offset.to(torch.int32) * self.weight_sum  # exact in int32, before any float rounding
+        return acc.to(self.dtype).mul_(sx).mul_(self.weight_scale)
 
     def _grouped(self, x2: torch.Tensor) -> torch.Tensor:
         m = x2.shape[0]
@@ -81,16 +91,18 @@ class IntLinear(nn.Module):
         xi, offset = centered_codes(q, zx, self.act)
         groups = self.weight_int.shape[0]
         xi = xi.reshape(m, groups, self.group).transpose(0, 1).contiguous()  # [G, M, g]
+        per_group_w = self.weight_scale.dim() == 2
         y = None
         for j in range(groups):
             acc = int8_matmul(xi[j], self.weight_int[j].t())
             ja = j if ga > 1 else 0
             if offset is not None:
                 acc += offset[:, ja].to(torch.int32) * self.weight_sum[j]
-            ws = self.weight_scale[j if self.weight_scale.shape[0] > 1 else 0]
-            part = acc.to(self.dtype) * sx[:, ja].to(self.dtype) * ws
-            y = part if y is None else y + part
-        return y
+            part = acc.to(self.dtype).mul_(sx[:, ja])
+            if per_group_w:
+                part.mul_(self.weight_scale[j])
+            y = part if y is None else y.add_(part)
+        return y if per_group_w else y.mul_(self.weight_scale)
 
     def extra_repr(self) -> str:
         a = self.act
@@ -102,8 +114,10 @@ class WeightOnlyLinear(nn.Module):
     """Weight-only quantized linear (W4A16 and friends), and the exact fallback for layouts the integer
     kernel does not take (then `act` fake-quantizes the input in float, as the fake-quant model does).
 
-    mode "cached": dequantize once at load (fastest on CPU; memory of the compute dtype).
+    mode "cached": dequantize once at load (exact; memory of the compute dtype).
     mode "otf": keep int8 codes and dequantize on every call (one byte per weight in memory).
+    mode "int4pack": torch's CPU W4A16 kernel (`_weight_int4pack_mm_for_cpu`): 4-bit weights stay packed
+    (half a byte per weight), activations run in bf16, so results match fake quant only to bf16 rounding.
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None,
@@ -120,6 +134,9 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("weight", dequantize(codes, scale, zero, self.group, dtype))
             for name in ("codes", "scale", "zero"):
                 self.register_buffer(name, None)
+        elif mode == "int4pack":
+            self.register_buffer("weight", None)
+            self._init_int4pack(codes, scale, zero)
         elif mode == "otf":
             self.register_buffer("weight", None)
             self.register_buffer("codes", codes.contiguous())  # int8 (int16 only for unsigned 8-bit codes)
@@ -129,11 +146,34 @@ class WeightOnlyLinear(nn.Module):
             raise ValueError(f"unknown weight-only mode {mode!r}")
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
+    def _init_int4pack(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        n, k = codes.shape
+        if self.act is not None or int(codes.min()) < -8 or int(codes.max()) > 15:
+            raise ValueError("int4pack takes 4-bit weight-only layers")
+        # The kernel computes w = (u - 8)·s + z per group with u in [0, 15]; ours is (code - zero)·s.
+        unsigned = zero is not None or int(codes.min()) >= 0
+        u = codes.to(torch.int32) + (0 if unsigned else 8)
+        g = self.group or next(size for size in (256, 128, 64, 32, k) if k % size == 0)
+        groups = k // g
+        s = scale.float().reshape(n, -1).repeat_interleave(groups // scale.reshape(n, -1).shape[1], dim=1)
+        z0 = (zero.float().reshape(n, -1).repeat_interleave(groups // zero.reshape(n, -1).shape[1], dim=1)
+              if zero is not None else torch.zeros_like(s))
+        offset = (8 - z0) * s if unsigned else torch.zeros_like(s)
+        self.int4_group = g
+        self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1))
+        self.register_buffer("scale", torch.stack((s, offset), -1).transpose(0, 1).contiguous().bfloat16())
+        self.register_buffer("zero", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hadamard:
             x = hadamard(x)
         if self.act is not None:
             x = fake_quantize(x, self.act)
+        if self.mode == "int4pack":
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.int4_group, self.scale)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         x = x.to(self.dtype)
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
@@ -193,24 +233,34 @@ class FusedInput(nn.Module):
     """Linears that read the same tensor (q/k/v, gate/up) run as one module; each role takes its slice.
 
     Decode is dominated by per-call overhead, not by FLOPs: one activation quantization and one integer
-    matmul instead of three saves a third of the ops per layer. The output of the last input is kept
-    (the input is held too, so its identity and version cannot be reused by another tensor).
+    matmul instead of three saves a third of the ops per layer. The output is kept until every role has
+    taken its slice (the input is held too, so its identity and version cannot be reused by another
+    tensor meanwhile), then dropped: held across layers it would cost a prompt's activations per layer.
     """
 
     def __init__(self, fused: nn.Module, sizes: list[int]):
         super().__init__()
         self.fused = fused
         self.sizes = sizes
-        self._memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._memo: list | None = None  # [input, its version, output, slices still to serve]
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         memo = self._memo
         version = _version(x)
         if memo is not None and memo[0] is x and memo[1] == version:
-            return memo[2]
+            y = memo[2]
+            memo[3] -= 1
+            if memo[3] <= 0:
+                self._memo = None
+            return y
         y = self.fused(x)
-        self._memo = (x, version, y)
+        self._memo = [x, version, y, len(self.sizes) - 1]
         return y
+
+    def __getstate__(self):  # deepcopy / pickle: the memo is a cache, not state
+        state = dict(self.__dict__)
+        state["_memo"] = None
+        return state
 
     def slices(self) -> list[LinearSlice]:
         out, start = [], 0

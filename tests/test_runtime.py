@@ -1,0 +1,433 @@
+"""The packed runtime: packing, integer kernels, quantized KV cache, save/load, generation, CLI."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+
+from spinquant.config import QuantConfig, QuantSpec, RunConfig
+from spinquant.errors import SpinQuantError
+from spinquant.hadamard import fast_hadamard_transform
+from spinquant.nn import KVQuant, QuantLinear
+from spinquant.pipeline import quantize_model
+from spinquant.quant.quantizer import fake_quantize, quantize_weight
+from spinquant.runtime import load_quantized, save_quantized
+from spinquant.runtime.kernels import _exact_float_mm, hadamard, int8_matmul, quantize_activation
+from spinquant.runtime.kvcache import QuantKVLayer
+from spinquant.runtime.model import module_summary
+from spinquant.runtime.modules import IntLinear, WeightOnlyLinear
+from spinquant.runtime.packing import pack_codes, unpack_codes
+
+FLOAT_TABLES = {"embedding": "float32", "lm_head": "float32"}  # isolates the decoder for exact comparisons
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops: threads only add synchronisation (and on a shared CPU, oneDNN stalls badly with 2).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_config(w=4, a=4, kv=4, w_group=None, a_group=None, a_sym=False, r3=True, r4=True) -> RunConfig:
+    cfg = RunConfig()
+    cfg.quant = QuantConfig(weight=QuantSpec(w, symmetric=True, group_size=w_group, clip_search=True),
+                            act=QuantSpec(a, symmetric=a_sym, group_size=a_group, clip_ratio=0.9),
+                            key=QuantSpec(kv, symmetric=False, clip_ratio=0.95),
+                            value=QuantSpec(kv, symmetric=False, clip_ratio=0.95))
+    cfg.rotation.r3, cfg.rotation.r4 = r3, r4
+    return cfg
+
+
+def quantized_tiny(family="llama", seed=0, **kw):
+    model = tiny_model(family, seed=seed, vocab_size=260)
+    cfg = run_config(**kw)
+    quantize_model(model, cfg, progress=False)
+    return model, cfg
+
+
+def save_load(model, cfg, path, **save_kw):
+    save_quantized(model, byte_tokenizer(), cfg, path, **{**FLOAT_TABLES, **save_kw})
+    return load_quantized(path)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pack_unpack_round_trip(bits, symmetric):
+    w = torch.randn(12, 32)
+    qt = quantize_weight(w, QuantSpec(bits, symmetric=symmetric))
+    packed = pack_codes(qt.codes, bits, symmetric)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == ((12, 16) if bits <= 4 else (12, 32))  # two 4-bit codes per byte
+    codes = unpack_codes(packed, bits, symmetric)
+    expected = qt.codes.to(torch.int16) % 256 if (bits == 8 and not symmetric) else qt.codes
+    assert torch.equal(codes.to(torch.int16), expected.to(torch.int16))
+
+
+def test_pack_refuses_odd_rows_and_out_of_range_codes():
+    with pytest.raises(SpinQuantError, match="odd"):
+        pack_codes(torch.zeros(2, 3, dtype=torch.int8), 4, True)
+    with pytest.raises(ValueError, match="range"):
+        pack_codes(torch.full((2, 4), 9, dtype=torch.int8), 4, True)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_int8_matmul_is_exact(m):
+    g = torch.Generator().manual_seed(m)
+    a = torch.randint(-128, 128, (m, 200), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (48, 200), generator=g, dtype=torch.int8)
+    ref = (a.long() @ w.long().t()).int()
+    assert torch.equal(int8_matmul(a, w.t()), ref)
+    assert torch.equal(_exact_float_mm(a, w.t()), ref)  # the fallback for shapes CUDA's _int_mm refuses
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, False, clip_ratio=0.9), QuantSpec(4, False, clip_ratio=0.9),
+                                  QuantSpec(8, True), QuantSpec(4, True, clip_ratio=0.8)])
+def test_activation_codes_match_the_fake_quantizer_bit_for_bit(spec):
+    x = torch.randn(40, 96) * 3
+    x[:, :2] *= 20
+    q, scale, zero = quantize_activation(x.clone(), spec)
+    deq = (q - (zero if zero is not None else 0)) * scale
+    assert torch.equal(deq, fake_quantize(x, spec))
+
+
+@pytest.mark.parametrize("n", [64, 96, 1536, 2048, 14336])
+def test_runtime_hadamard_matches_the_fast_transform(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    torch.testing.assert_close(hadamard(x), fast_hadamard_transform(x), rtol=0, atol=1e-12)
+
+
+def fake_linear(w, wspec, aspec, r4=False):
+    lin = QuantLinear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+    qt = quantize_weight(w, wspec)
+    lin.weight.data = qt.dequantize()
+    lin.quantized = qt
+    lin.act_quant.spec = aspec
+    if r4:
+        from spinquant.hadamard import OnlineHadamard
+
+        lin.input_transform = OnlineHadamard(w.shape[1])
+    return lin, qt
+
+
+@pytest.mark.parametrize("label,wspec,aspec", [
+    ("W8A8", QuantSpec(8, True), QuantSpec(8, False, clip_ratio=0.9)),
+    ("W4A8", QuantSpec(4, True, clip_search=True), QuantSpec(8, False, clip_ratio=0.9)),
+    ("W4A8-sym", QuantSpec(4, True), QuantSpec(8, True)),
+    ("W4A4", QuantSpec(4, True, clip_search=True), QuantSpec(4, False, clip_ratio=0.9)),
+    ("W4A4-asym-w", QuantSpec(4, False), QuantSpec(4, False, clip_ratio=0.9)),
+    ("W4g32A8", QuantSpec(4, True, group_size=32), QuantSpec(8, False, clip_ratio=0.9)),
+    ("W4g32A4g32", QuantSpec(4, True, group_size=32), QuantSpec(4, False, group_size=32, clip_ratio=0.9)),
+    ("W4A4g32", QuantSpec(4, True), QuantSpec(4, False, group_size=32, clip_ratio=0.9)),
+])
+@pytest.mark.parametrize("r4", [False, True])
+def test_int_linear_equals_fake_quant_linear(label, wspec, aspec, r4):
+    torch.manual_seed(0)
+    w = torch.randn(80, 96) * 0.05
+    fake, qt = fake_linear(w, wspec, aspec, r4)
+    centred = qt.codes.to(torch.int16)
+    if not qt.symmetric:
+        zero = qt.zero.reshape(80, -1).to(torch.int16)
+        centred = centred - zero.repeat_interleave(96 // zero.shape[1], dim=-1)
+    real = IntLinear(centred.to(torch.int8), qt.scale, aspec, weight_group=qt.group_size, hadamard=r4)
+    x = torch.randn(2, 7, 96)
+    x[..., 5] *= 30  # an outlier channel
+    with torch.no_grad():
+        ref, out = fake(x), real(x)
+    # Integer accumulation is exact; only the float sum in the fake path differs (float rounding).
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["cached", "otf", "int4pack"])
+@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_only_linear_equals_dequantized_weight(mode, group, symmetric):
+    w = torch.randn(48, 64)
+    qt = quantize_weight(w, QuantSpec(4, symmetric, group_size=group))
+    lin = WeightOnlyLinear(qt.codes, qt.scale, None if symmetric else qt.zero, qt.group_size, mode=mode)
+    x = torch.randn(5, 64)
+    ref = x @ qt.dequantize().t()
+    tol = 1e-5 if mode != "int4pack" else 1e-2 * ref.abs().max().item()  # int4pack computes in bf16
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=tol)
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_quantized_kv_cache_matches_fake_kv_quant_step_by_step(bits, rotate):
+    spec = QuantSpec(bits, symmetric=False, clip_ratio=0.95)
+    fake = KVQuant(64, rotate_qk=rotate)
+    fake.key_quant.spec = fake.value_quant.spec = spec
+    layer = QuantKVLayer(spec, spec, rotate_keys=rotate)
+    keys = torch.randn(2, 3, 9, 64)
+    values = torch.randn(2, 3, 9, 64)
+    for lo, hi in [(0, 6), (6, 7), (7, 9)]:  # prefill, then decode steps
+        k, v = layer.update(keys[:, :, lo:hi], values[:, :, lo:hi])
+        _, k_ref, v_ref = fake(torch.zeros(2, 3, 1, 64), keys[:, :, :hi], values[:, :, :hi])
+        assert torch.equal(v, v_ref)
+        torch.testing.assert_close(k, k_ref, rtol=0, atol=1e-6 if rotate else 0)
+    assert layer.get_seq_length() == 9
+    # Stored at the configured width: codes + per-token-per-head float scale and zero.
+    per_vector = 64 * bits // 8 + 8
+    assert layer.nbytes() == 2 * 2 * 3 * 9 * per_vector
+
+
+# ---------------------------------------------------------------------------------- save / load / model
+
+
+@pytest.mark.parametrize("w,a,kv", [(4, 4, 4), (4, 8, 8)])
+def test_saved_model_matches_fake_quant_model(tmp_path, w, a, kv):
+    model, cfg = quantized_tiny(w=w, a=a, kv=kv)
+    loaded, _ = save_load(model, cfg, tmp_path / "q")
+    assert module_summary(loaded)["IntLinear"] == 2 * 4  # fused qkv, o, fused gate/up, down per layer
+    ids = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(ids).logits, loaded(ids).logits
+    diff = (ref - out).abs()
+    if a == 4:
+        assert diff.max() < 1e-4
+    else:
+        # 8-bit grids are 16x finer: a 1e-7 float difference upstream (exact int32 vs float sums) can move
+        # a value across a rounding boundary, and that one code then shifts later logits by ~1e-2.
+        assert (diff < 1e-4).float().mean() > 0.9 and diff.max() < 5e-2
+    assert (ref.argmax(-1) == out.argmax(-1)).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "mistral", "qwen2", "qwen3"])
+def test_saved_model_matches_fake_quant_for_every_family(tmp_path, family):
+    model, cfg = quantized_tiny(family)
+    loaded, _ = save_load(model, cfg, tmp_path / "q")
+    ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_grouped_and_weight_only_checkpoints(tmp_path):
+    for i, kw in enumerate([{"w_group": 32}, {"w_group": 32, "a_group": 32}, {"a": 16, "kv": 16}]):
+        model, cfg = quantized_tiny(**kw)
+        loaded, _ = save_load(model, cfg, tmp_path / f"q{i}")
+        ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_matches_fake_quant_model(tmp_path):
+    model, cfg = quantized_tiny(w=4, a=4, kv=4)
+    loaded, _ = save_load(model, cfg, tmp_path / "q")
+    prompt = torch.randint(0, 260, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=10, do_sample=False)
+        out = loaded.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_int8_tables_shrink_the_checkpoint_and_stay_close(tmp_path):
+    model, cfg = quantized_tiny(w=4, a=8, kv=8)
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "int8")  # default: int8 embedding and lm_head
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "f32", **FLOAT_TABLES)
+    size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("int8", "f32")}
+    assert size["int8"] < size["f32"] - 2 * 260 * 64 * 2  # two 260x64 tables: 4 bytes → 1 byte + scales
+    loaded, _ = load_quantized(tmp_path / "int8")
+    assert module_summary(loaded)["Int8Embedding"] == 1
+    ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, out = model(ids).logits, loaded(ids).logits
+    assert (ref - out).abs().max() < 0.2 * ref.abs().max()
+
+
+def test_tied_models_store_one_table(tmp_path):
+    from safetensors import safe_open
+
+    model, cfg = quantized_tiny("qwen2")  # tied before quantization: lm_head = embedding · M
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q", embedding="float32")  # lm_head="auto"
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["spinquant"]["lm_head"] == "tied"
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "lm_head.tied_transform" in keys and "lm_head.weight" not in keys
+    loaded, _ = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+    untied, cfg = quantized_tiny("llama")
+    with pytest.raises(SpinQuantError, match="not tied"):
+        save_quantized(untied, byte_tokenizer(), cfg, tmp_path / "u", lm_head="tied")
+
+
+def test_checkpoint_layout_and_config(tmp_path):
+    from safetensors import safe_open
+
+    model, cfg = quantized_tiny(w=4, a=8, kv=8)
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    sq = config["spinquant"]
+    assert config["tie_word_embeddings"] is False
+    assert sq["quantization"]["label"] == "W4A8KV8"
+    assert sq["online_hadamard"] == {"r3": 16, "r4": 96}
+    assert sq["run_config"]["quant"]["weight"]["bits"] == 4
+    assert "model.safetensors" in sq["files"] and len(sq["files"]["model.safetensors"]) == 64
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+        assert q.dtype == torch.uint8 and tuple(q.shape) == (64, 48)  # [out, in / 2]
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scale").shape == (64,)
+        assert f.get_tensor("model.embed_tokens.qweight").dtype == torch.int8
+
+
+def test_refuses_to_overwrite(tmp_path):
+    model, cfg = quantized_tiny()
+    out = tmp_path / "q"
+    save_quantized(model, byte_tokenizer(), cfg, out)
+    with pytest.raises(SpinQuantError, match="already exists"):
+        save_quantized(model, byte_tokenizer(), cfg, out)
+    save_quantized(model, byte_tokenizer(), cfg, out, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_refuses_an_unquantized_model(tmp_path):
+    with pytest.raises(SpinQuantError, match="not quantized"):
+        save_quantized(tiny_model(), byte_tokenizer(), None, tmp_path / "q")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_tampered_weights_are_refused(tmp_path, damage):
+    model, cfg = quantized_tiny()
+    out = tmp_path / "q"
+    save_quantized(model, byte_tokenizer(), cfg, out)
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    f.write_bytes(bytes(data))
+    with pytest.raises(SpinQuantError, match="model.safetensors.*re-save"):
+        load_quantized(out)
+
+
+def test_load_never_unpickles(tmp_path, monkeypatch):
+    model, cfg = quantized_tiny()
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")
+
+    def forbidden(*a, **k):
+        raise AssertionError("unpickling during load")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    loaded, tok = load_quantized(tmp_path / "q")
+    assert tok is not None and loaded(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 260)
+    assert {p.suffix for p in (tmp_path / "q").iterdir()} <= {".json", ".safetensors", ".txt", ".jinja"}
+
+
+def test_spinquant_load_and_load_model_detect_the_checkpoint(tmp_path):
+    import spinquant
+    from spinquant.loading import load_model
+
+    model, cfg = quantized_tiny()
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")
+    m = spinquant.load(tmp_path / "q")
+    assert hasattr(m, "generate") and m.tokenizer is not None
+    m2, tok = load_model(str(tmp_path / "q"))
+    assert type(m2).__name__.startswith("SpinQuant") and tok is not None
+
+
+def test_foreign_cache_is_refused(tmp_path):
+    from transformers import DynamicCache
+
+    model, cfg = quantized_tiny()
+    loaded, _ = save_load(model, cfg, tmp_path / "q")
+    with pytest.raises(SpinQuantError, match="KV cache"):
+        loaded(torch.tensor([[1, 2]]), cache=DynamicCache())
+
+
+def test_decode_with_cache_equals_full_forward(tmp_path):
+    model, cfg = quantized_tiny(w=4, a=4, kv=4)
+    loaded, _ = save_load(model, cfg, tmp_path / "q")
+    ids = torch.randint(0, 260, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = loaded(ids).logits
+        cache = loaded.new_cache()
+        loaded(ids[:, :10], cache=cache, use_cache=True)
+        steps = [loaded(ids[:, i: i + 1], cache=cache, use_cache=True).logits for i in range(10, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def saved_dir(tmp_path):
+    model, cfg = quantized_tiny()
+    return save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")
+
+
+def test_cli_generate(saved_dir, capsys):
+    from spinquant.cli import main
+
+    assert main(["generate", str(saved_dir), "hello", "--max-new-tokens", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["new_tokens"] == 5
+
+
+def test_cli_chat_reads_lines_until_exit(saved_dir, capsys, monkeypatch):
+    from spinquant.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nthere\nexit\nnever read\n"))
+    assert main(["chat", str(saved_dir), "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["turns"] == 2
+
+
+def test_cli_eval_takes_the_folder(saved_dir, tmp_path, capsys):
+    from spinquant.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = ["eval", str(saved_dir), "--eval-data", str(text), "--seq-len", "64", "--max-windows", "2", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "W4A4KV4" and result["ppl"] > 1
+
+
+def test_cli_quantize_output_refuses_existing_folder(saved_dir, capsys):
+    from spinquant.cli import main
+
+    args = ["quantize", "--model", str(saved_dir), "--output", str(saved_dir), "--no-eval"]
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bench_gpu_script_runs_tiny_on_cpu():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_runtime_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_runtime_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--layers", "1", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+                       "--vocab", "256", "--prefill", "16", "--decode", "2", "--repeats", "1", "--device", "cpu"])
+    assert {r["config"] for r in rows} >= {"bf16", "w8a8", "w4a8"}
+
+
+def test_deepcopy_of_loaded_model_still_runs(tmp_path):
+    model, cfg = quantized_tiny()
+    loaded, _ = save_load(model, cfg, tmp_path / "q")
+    clone = copy.deepcopy(loaded)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids).logits, loaded(ids).logits)
