@@ -95,3 +95,14 @@ def test_rotation_algebra_is_exact_in_float64():
     assert torch.allclose(yv, y @ r2, atol=1e-12)
     o = torch.randn(64, 48, dtype=torch.float64, generator=g)
     assert torch.allclose((yv.reshape(5, 48)) @ rotate_heads_in(o, r2, 16).T, y.reshape(5, 48) @ o.T, atol=1e-12)
+
+
+def test_eight_bit_asymmetric_weight_codes_do_not_wrap():
+    from spinquant.quant.quantizer import fake_quantize_weight, quantize_weight
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=8, symmetric=False)
+    qt = quantize_weight(w, spec)
+    assert int(qt.codes.max()) > 127  # uses the upper half of the unsigned grid
+    assert torch.allclose(qt.dequantize(), fake_quantize_weight(w, spec), atol=1e-6)
+    assert (qt.dequantize() - w).abs().max() < 0.05

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..errors import SpinQuantError
-from .quantizer import QuantizedTensor, quantize_codes, quantize_weight, to_groups, weight_qparams
+from .quantizer import QuantizedTensor, code_dtype, quantize_codes, quantize_weight, to_groups, weight_qparams
 
 
 class HessianAccumulator:
@@ -205,7 +205,7 @@ def gptq_quantize(
     if not (torch.isfinite(scale_all).all() and torch.isfinite(zero_all).all()):
         return _rtn_fallback(weight, spec, "the quantization parameters became non-finite")
     return QuantizedTensor(
-        codes=codes.to(torch.int8),
+        codes=codes.to(code_dtype(spec.symmetric)),
         scale=scale_all.squeeze(-1),
         zero=zero_all.squeeze(-1),
         bits=spec.bits,

@@ -111,11 +111,16 @@ def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     return compute_qparams(w, spec.bits, spec.symmetric, spec.clip_ratio)
 
 
+def code_dtype(symmetric: bool) -> torch.dtype:
+    """Signed grids fit int8; unsigned 8-bit grids (0..255) need uint8."""
+    return torch.int8 if symmetric else torch.uint8
+
+
 @dataclass
 class QuantizedTensor:
     """Integer codes with their scale and zero point; `dequantize()` gives back floats."""
 
-    codes: torch.Tensor  # int8, shape of the original tensor
+    codes: torch.Tensor  # int8 (symmetric) or uint8 (asymmetric), shape of the original tensor
     scale: torch.Tensor  # [..., n_groups] (float)
     zero: torch.Tensor  # [..., n_groups] (float holding integers)
     bits: int
@@ -134,7 +139,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     scale, zero = weight_qparams(g, spec)
     codes = quantize_codes(g, scale, zero, spec.bits, spec.symmetric)
     return QuantizedTensor(
-        codes=codes.reshape(w.shape).to(torch.int8),
+        codes=codes.reshape(w.shape).to(code_dtype(spec.symmetric)),
         scale=scale.squeeze(-1),
         zero=zero.squeeze(-1),
         bits=spec.bits,
