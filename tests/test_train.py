@@ -117,3 +117,55 @@ def test_non_finite_loss_stops_with_clear_error():
     with pytest.raises(SpinQuantError, match="loss became nan"):
         train_rotations(parts, init, tiny_train_config(), calib_ids=torch.randint(0, 96, (4, 16)), progress=False)
     assert all(type(m).__name__ != "RotatedLinear" for m in model.modules())
+
+
+def test_resumed_training_reaches_the_same_rotations(tmp_path):
+    """Stop after 2 of 4 steps (checkpoint), resume: same rotations as an uninterrupted 4-step run."""
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(**train):
+        model, parts = prepared("llama", torch.float32)
+        init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))
+        cfg = tiny_train_config(steps=4)
+        for k, v in train.items():
+            setattr(cfg.train, k, v)
+        return train_rotations(parts, init, cfg, calib_ids=calib, progress=False)
+
+    full = run()
+    ckpt = tmp_path / "train.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        # Interrupt right after the step-2 checkpoint by making step 3's batch blow up.
+        import spinquant.train as train_mod
+
+        original = train_mod.next_token_loss
+        calls = {"n": 0}
+
+        def interrupting(model, ids):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return original(model, ids)
+
+        train_mod.next_token_loss = interrupting
+        try:
+            run(checkpoint=str(ckpt), checkpoint_every=2)
+        finally:
+            train_mod.next_token_loss = original
+    assert ckpt.is_file()
+    resumed = run(checkpoint=str(ckpt), resume=str(ckpt))
+    assert len(resumed.losses) == 4 and resumed.losses[:2] == full.losses[:2]
+    assert (resumed.rotations.r1 - full.rotations.r1).abs().max() <= 1e-6
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(resumed.rotations.r2, full.rotations.r2))
+
+
+def test_resume_refuses_a_foreign_file(tmp_path):
+    from spinquant.errors import SpinQuantError
+
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"format": "something else"}, bad)
+    model, parts = prepared("llama", torch.float32)
+    init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))
+    cfg = tiny_train_config()
+    cfg.train.resume = str(bad)
+    with pytest.raises(SpinQuantError, match="cannot resume"):
+        train_rotations(parts, init, cfg, calib_ids=torch.randint(0, 96, (4, 16)), progress=False)

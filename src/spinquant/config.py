@@ -106,6 +106,7 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
     for_gptq: bool | None = None  # None: follow QuantConfig.weight_method
+    checkpoint: str | None = None  # where to keep the training state (also written on Ctrl-C / NaN)
     checkpoint_every: int = 0
     resume: str | None = None
 

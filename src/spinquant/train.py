@@ -11,7 +11,7 @@ After training the rotations are merged once, exactly, in float64 by the same co
 from __future__ import annotations
 
 import csv
-import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -155,44 +155,54 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
     model.train()  # dropout is 0 in these models; train() enables gradient checkpointing where set
 
     losses: list[float] = []
-    good = rot.export()
+    first_step = 0
+    if tc.resume:
+        first_step, losses = load_checkpoint(tc.resume, rot, optimizer, scheduler, tc.steps)
     start = time.perf_counter()
     if device.type == "cpu":
         import resource
 
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    bar = tqdm(range(tc.steps), desc="training rotations", disable=not progress, mininterval=2)
+    bar = tqdm(range(first_step, tc.steps), desc="training rotations", disable=not progress, mininterval=2,
+               initial=first_step, total=tc.steps)
+    step = first_step
     try:
         for step in bar:
+            # Batches depend only on (seed, step): a resumed run sees exactly the batches it would have.
             idx = torch.arange(step * tc.batch, (step + 1) * tc.batch) % len(calib_ids)
             ids = calib_ids[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = next_token_loss(model, ids)
-            if not torch.isfinite(loss):
-                raise SpinQuantError(
-                    f"training loss became {loss.item()} at step {step}; stopped with the last good rotations. "
-                    "Lower --lr or use more bits"
-                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in rot.parameters() if p.grad is not None]
-            if not all(torch.isfinite(g).all() for g in grads):
-                raise SpinQuantError(f"non-finite gradient at step {step}; stopped with the last good rotations. "
-                                     "Lower --lr or use more bits")
+            if torch.isfinite(loss):
+                loss.backward()
+            grads_ok = all(torch.isfinite(p.grad).all() for p in rot.parameters() if p.grad is not None)
+            if not torch.isfinite(loss) or not grads_ok:
+                what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "a gradient became non-finite"
+                saved = save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, step, losses)
+                raise SpinQuantError(
+                    f"training {what} at step {step}; stopped with the last good rotations"
+                    + (f" saved in {saved}" if saved else "") + ". Lower --lr or use more bits"
+                )
             if tc.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(rot.parameters(), tc.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            good = rot.export()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+                save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, step + 1, losses)
+    except KeyboardInterrupt:
+        saved = save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, step, losses)
+        if saved:
+            print(f"spinquant: training interrupted at step {step}; resume with --resume {saved}", file=sys.stderr)
+        raise
     finally:
         installed.remove()
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-        if losses and not math.isfinite(losses[-1]):  # pragma: no cover - guarded above
-            pass
+    good = rot.export()
     seconds = time.perf_counter() - start
     summary = {
         "steps": len(losses), "batch": tc.batch, "seq_len": tc.seq_len, "lr": tc.lr,
@@ -207,6 +217,43 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
     if log_dir is not None:
         write_loss_curve(losses, Path(log_dir))
     return TrainResult(rotations=good, losses=losses, summary=summary)
+
+
+CHECKPOINT_FORMAT = "spinquant-train-checkpoint-1"
+
+
+def save_checkpoint(path, rot: RotationParams, optimizer, scheduler, step: int, losses: list[float]) -> Path | None:
+    """Everything needed to continue exactly where training stopped (atomic; None when no path is set)."""
+    if not path:
+        return None
+    from .io import atomic_path
+
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "losses": torch.tensor(losses, dtype=torch.float64),
+             "rotations": rot.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    with atomic_path(Path(path), overwrite=True) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path, rot: RotationParams, optimizer, scheduler, total_steps: int) -> tuple[int, list[float]]:
+    """Restore a checkpoint written by save_checkpoint; refuses foreign or mismatched files."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpinQuantError(f"training checkpoint {path} not found; pass a file written by --train-checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a spinquant training checkpoint")
+        rot.load_state_dict(state["rotations"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:  # noqa: BLE001 - corrupt, hostile or mismatched files all mean "cannot resume"
+        raise SpinQuantError(f"cannot resume from {path} ({str(e).splitlines()[0][:160]}); it is corrupt or from "
+                             "another model: start again without --resume") from None
+    if state["step"] > total_steps:
+        raise SpinQuantError(f"{path} is at step {state['step']}, past --train-steps {total_steps}; "
+                             "raise --train-steps or start again")
+    return int(state["step"]), state["losses"].tolist()
 
 
 def write_loss_curve(losses: list[float], stem: Path) -> list[Path]:
