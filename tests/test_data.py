@@ -8,24 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 
 from spinquant import data
 from spinquant.data import calibration_batches, load_text, shared_data_dir, tokenize_windows
 from spinquant.errors import SpinQuantError
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (one token per UTF-8 byte, BOS prepended like Llama's), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({"<s>": 256, "</s>": 257})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 class CountingTokenizer:
