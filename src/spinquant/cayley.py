@@ -31,12 +31,16 @@ def cayley_step(x: torch.Tensor, w: torch.Tensor, lr: float) -> torch.Tensor:
 class CayleySGD(Optimizer):
     """SGD (with optional momentum on the skew direction) for square orthogonal parameters."""
 
-    def __init__(self, params, lr: float = 1.5, momentum: float = 0.0, reorthogonalize_every: int = 0):
+    def __init__(self, params, lr: float = 1.5, momentum: float = 0.0, reorthogonalize_every: int = 0,
+                 max_step: float | None = 1.0):
+        """max_step caps lr·‖W‖_F (the rotation taken in one step), as Li et al.'s Cayley SGD does with
+        α = min(lr, 2q/‖W‖); without it lr 1.5 turns a large gradient into a near-random rotation."""
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, reorthogonalize_every=reorthogonalize_every))
+        super().__init__(params, dict(lr=lr, momentum=momentum, reorthogonalize_every=reorthogonalize_every,
+                                      max_step=max_step))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,7 +63,10 @@ class CayleySGD(Optimizer):
                     buf = w if buf is None else group["momentum"] * buf + w
                     state["momentum_buffer"] = buf
                     w = buf
-                p.copy_(cayley_step(p.data, w, group["lr"]))
+                lr = group["lr"]
+                if group["max_step"]:
+                    lr = min(lr, group["max_step"] / (w.norm().item() + 1e-12))
+                p.copy_(cayley_step(p.data, w, lr))
                 every = group["reorthogonalize_every"]
                 if every and state["step"] % every == 0:
                     p.copy_(nearest_orthogonal(p.data))
