@@ -139,8 +139,7 @@ def test_atomic_output_has_normal_permissions_and_no_leftovers(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "failed.txt") as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "failed.txt") as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

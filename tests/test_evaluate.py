@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import transformers
-
 from conftest import byte_tokenizer
 
 from spinquant import evaluate

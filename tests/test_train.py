@@ -1,6 +1,5 @@
 """Rotation training: the training-time parametrisation equals the merged model, and a short run works."""
 
-import copy
 
 import pytest
 import torch
@@ -8,9 +7,9 @@ from conftest import tiny_model
 
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
 from spinquant.models import model_parts
-from spinquant.pipeline import install_modules, quantize_model, set_activation_quant
+from spinquant.pipeline import install_modules, quantize_model
 from spinquant.rotate import merge_r1, merge_r2, prepare
-from spinquant.rotations import Rotations, load_rotations, make_rotations, save_rotations
+from spinquant.rotations import load_rotations, make_rotations, save_rotations
 from spinquant.train import RotationParams, _Installed, train_rotations
 
 OFF = QuantSpec(bits=16)

@@ -10,5 +10,5 @@ from .runtime.checkpoint import load
 __version__ = "0.1.0"
 __all__ = [
     "EvalConfig", "GPTQConfig", "QuantConfig", "QuantSpec", "RotationConfig", "RunConfig", "SpinQuantError",
-    "TrainConfig", "load_model", "perplexity", "quantize", "run_compare", "run_eval", "run_quantize",
+    "TrainConfig", "load", "load_model", "perplexity", "quantize", "run_compare", "run_eval", "run_quantize",
 ]

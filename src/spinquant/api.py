@@ -87,8 +87,9 @@ def add_task_results(result: dict, cfg: RunConfig, model, tokenizer, label: str 
 def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
     """export: a spinquant.export.ExportRequest, written from the quantized model in memory."""
     if cfg.output:
-        from .io import check_writable
         from pathlib import Path
+
+        from .io import check_writable
 
         check_writable(Path(cfg.output), cfg.overwrite)  # fail before an hour of work, not after
     if export is not None:

@@ -16,7 +16,7 @@ from .loading import DEFAULT_MODEL
 class _Parser(argparse.ArgumentParser):
     """argparse, but bad flags give one line and exit 2 like every other input error."""
 
-    def error(self, message: str):  # noqa: D401
+    def error(self, message: str):
         raise SpinQuantError(f"{message}; see '{self.prog} --help'")
 
 

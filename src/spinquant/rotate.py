@@ -109,6 +109,6 @@ def merge_r2(parts: ModelParts, r2: list[torch.Tensor]) -> None:
     d = parts.head_dim
     for layer, r in zip(parts.layers, r2, strict=True):
         r = r.double()
-        update_weight(layer.v, lambda w: rotate_heads_out(w, r, d))
-        update_weight(layer.v, lambda b: rotate_heads_out(b, r, d), "bias")
-        update_weight(layer.o, lambda w: rotate_heads_in(w, r, d))
+        update_weight(layer.v, lambda w, r=r: rotate_heads_out(w, r, d))
+        update_weight(layer.v, lambda b, r=r: rotate_heads_out(b, r, d), "bias")
+        update_weight(layer.o, lambda w, r=r: rotate_heads_in(w, r, d))

@@ -30,4 +30,4 @@ def model_parts(model: nn.Module) -> ModelParts:
     return adapter_for(model).parts(model)
 
 
-__all__ = ["Adapter", "LayerParts", "ModelParts", "REGISTRY", "adapter_for", "model_parts", "supported_model_types"]
+__all__ = ["REGISTRY", "Adapter", "LayerParts", "ModelParts", "adapter_for", "model_parts", "supported_model_types"]
