@@ -1,0 +1,85 @@
+"""Fake quantizers: grid range, zero point, groups, clip search and straight-through gradients."""
+
+import pytest
+import torch
+
+from spinquant.config import QuantSpec
+from spinquant.errors import SpinQuantError
+from spinquant.quant.quantizer import (
+    compute_qparams,
+    fake_quantize,
+    fake_quantize_weight,
+    qrange,
+    quantize_weight,
+    round_ste,
+)
+
+G = torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_stay_in_range_and_values_on_the_grid(bits, symmetric):
+    w = torch.randn(8, 64, generator=G) * 3
+    qt = quantize_weight(w, QuantSpec(bits, symmetric=symmetric))
+    qmin, qmax = qrange(bits, symmetric)
+    assert int(qt.codes.min()) >= qmin and int(qt.codes.max()) <= qmax
+    assert len(torch.unique(qt.dequantize()[0])) <= 2**bits
+    # Without clipping, min-max RTN error is at most half a step per element.
+    step = qt.scale.unsqueeze(-1)
+    assert ((qt.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_asymmetric_zero_point_keeps_zero_exact():
+    x = torch.tensor([[0.0, 0.3, 1.7, 2.5, 4.0]])  # all non-negative: zero must still be on the grid
+    scale, zero = compute_qparams(x, 4, symmetric=False)
+    assert zero.item() == 0
+    y = fake_quantize(torch.tensor([[-1.0, 0.0, 3.0]]), QuantSpec(4, symmetric=False))
+    assert y[0, 1].item() == 0.0
+
+
+def test_groups_quantize_each_chunk_on_its_own_scale():
+    w = torch.cat([torch.randn(4, 16, generator=G) * 0.01, torch.randn(4, 16, generator=G) * 100], dim=1)
+    per_row = fake_quantize_weight(w, QuantSpec(4))
+    grouped = fake_quantize_weight(w, QuantSpec(4, group_size=16))
+    small = slice(0, 16)
+    assert (grouped[:, small] - w[:, small]).abs().max() < (per_row[:, small] - w[:, small]).abs().max()
+    assert quantize_weight(w, QuantSpec(4, group_size=16)).scale.shape == (4, 2)
+    with pytest.raises(SpinQuantError, match="does not divide"):
+        fake_quantize_weight(w, QuantSpec(4, group_size=12))
+
+
+def test_clip_search_never_worse_than_min_max():
+    w = torch.randn(32, 128, generator=G)
+    w[:, 0] *= 20  # an outlier per row
+    plain = (fake_quantize_weight(w, QuantSpec(4)) - w).abs().pow(2.4).sum(-1)
+    searched = (fake_quantize_weight(w, QuantSpec(4, clip_search=True)) - w).abs().pow(2.4).sum(-1)
+    assert (searched <= plain + 1e-5).all() and searched.sum() < plain.sum()
+
+
+def test_activation_clip_ratio_shrinks_the_range():
+    x = torch.randn(4, 64, generator=G)
+    s_full, _ = compute_qparams(x, 4, True, 1.0)
+    s_clip, _ = compute_qparams(x, 4, True, 0.9)
+    assert torch.allclose(s_clip, 0.9 * s_full)
+
+
+def test_sixteen_bits_is_identity():
+    x = torch.randn(3, 5, generator=G)
+    assert fake_quantize(x, QuantSpec(16)) is x and fake_quantize_weight(x, QuantSpec(16)) is x
+
+
+def test_straight_through_gradients():
+    x = torch.randn(2, 32, generator=G, requires_grad=True)
+    round_ste(x * 3).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 3.0))
+    x.grad = None
+    fake_quantize(x, QuantSpec(4, symmetric=True)).sum().backward()
+    # Unclipped elements pass the gradient through unchanged; the scale gets none.
+    assert torch.allclose(x.grad, torch.ones_like(x))
+
+
+def test_invalid_bits_are_refused_with_the_fix():
+    for bits in (0, 1, 9, 17):
+        with pytest.raises(SpinQuantError, match="use 2-8, or 16"):
+            QuantSpec(bits).validate("weight")
