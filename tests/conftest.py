@@ -76,3 +76,12 @@ def save_tiny(path: Path, family: str = "llama", **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensor ops on a shared 2-core box: a second OpenMP thread only adds stalls (oneDNN ~20× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ from spinquant.rotate import merge_r1, merge_r2, prepare
 OFF = QuantSpec(bits=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices on a shared 2-core box: a second OpenMP thread only adds contention stalls (~20× slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gptq_config() -> RunConfig:

@@ -27,13 +27,7 @@ from spinquant.runtime.packing import pack_codes, unpack_codes
 FLOAT_TABLES = {"embedding": "float32", "lm_head": "float32"}  # isolates the decoder for exact comparisons
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: threads only add synchronisation (and on a shared CPU, oneDNN stalls badly with 2).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_config(w=4, a=4, kv=4, w_group=None, a_group=None, a_sym=False, r3=True, r4=True) -> RunConfig:

@@ -49,10 +49,8 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
                 raise SpinQuantError(
                     f"no Hadamard construction known for the {what} {n}; pass --no-r4/--no-r3"
                 )
-    for what, spec, dims in (
-        ("weight", cfg.quant.weight, (parts.hidden_size, parts.intermediate_size, parts.num_heads * parts.head_dim)),
-        ("activation", cfg.quant.act, (parts.hidden_size, parts.intermediate_size, parts.num_heads * parts.head_dim)),
-    ):
+    dims = (parts.hidden_size, parts.intermediate_size, parts.num_heads * parts.head_dim)  # linear input sizes
+    for what, spec in (("weight", cfg.quant.weight), ("activation", cfg.quant.act)):
         g = spec.group_size
         if spec.enabled and g is not None and any(d % g for d in dims):
             raise SpinQuantError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import SpinQuantError
-from .hadamard import HadamardSizeError, random_hadamard, random_orthogonal
+from .hadamard import random_hadamard, random_orthogonal
 from .io import atomic_path
 
 ORTHOGONALITY_TOL = 1e-4  # float32-trained rotations sit around 1e-6; anything far above is not a rotation
@@ -61,12 +61,8 @@ def make_rotations(
         return None
     gen = torch.Generator().manual_seed(seed)
     make = random_hadamard if mode in ("hadamard", "learned") else random_orthogonal
-    try:
-        return Rotations(make(hidden, generator=gen), [make(head_dim, generator=gen) for _ in range(num_layers)])
-    except HadamardSizeError:
-        raise
-    except ValueError as e:  # pragma: no cover - defensive
-        raise SpinQuantError(str(e)) from e
+    # An impossible size raises HadamardSizeError, itself a SpinQuantError with the fix in its message.
+    return Rotations(make(hidden, generator=gen), [make(head_dim, generator=gen) for _ in range(num_layers)])
 
 
 REFERENCE_R2 = re.compile(r"model\.layers\.(\d+)\.self_attn\.R2$")

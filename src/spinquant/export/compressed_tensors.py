@@ -50,25 +50,23 @@ def _pack(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return pack_to_int32(codes.to(torch.int8).contiguous(), bits, packed_dim=dim)
 
 
-def weight_args(spec: QuantSpec) -> dict:
-    args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "dynamic": False}
+def _scheme_args(spec: QuantSpec, dynamic: bool, row_strategy: str) -> dict:
+    """compressed-tensors QuantizationArgs fields: one row (`row_strategy`) or groups along it."""
+    args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "dynamic": dynamic}
     if spec.group_size is None:
-        args.update(strategy="channel")
+        args.update(strategy=row_strategy)
     else:
         args.update(strategy="group", group_size=spec.group_size)
     return args
+
+
+def weight_args(spec: QuantSpec) -> dict:
+    return _scheme_args(spec, dynamic=False, row_strategy="channel")
 
 
 def activation_args(spec: QuantSpec) -> dict | None:
     """Dynamic per-token (or per-group) activation quantization; None when activations stay in float."""
-    if not spec.enabled:
-        return None
-    args = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "dynamic": True}
-    if spec.group_size is None:
-        args.update(strategy="token")
-    else:
-        args.update(strategy="group", group_size=spec.group_size)
-    return args
+    return _scheme_args(spec, dynamic=True, row_strategy="token") if spec.enabled else None
 
 
 def quantization_config(src: ExportSource) -> dict:
