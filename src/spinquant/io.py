@@ -12,13 +12,23 @@ from pathlib import Path
 from .errors import SpinQuantError
 
 
-def check_writable(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise SpinQuantError(f"{path} already exists; choose another output path or pass --overwrite")
+def check_writable(path: Path, overwrite: bool, directory: bool | None = None) -> None:
+    """Refuse, before any work, an output that exists (without overwrite), is of the wrong kind, or cannot
+    be created. `directory`: True for a folder output, False for a file, None when either is fine."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise SpinQuantError(f"{path} already exists; choose another output path or pass --overwrite")
+        if directory is not None and path.is_dir() != directory:
+            have, want = ("a folder", "file") if path.is_dir() else ("a file", "folder")
+            raise SpinQuantError(f"{path} is {have}, and --overwrite only replaces a {want} with a {want}; "
+                                 f"choose a {want} path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise SpinQuantError(f"output folder {parent} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():
+        raise SpinQuantError(f"output folder {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise SpinQuantError(f"output folder {parent} is not writable; choose a writable location")
 
 
@@ -26,13 +36,16 @@ def check_writable(path: Path, overwrite: bool) -> None:
 def atomic_path(path: str | Path, overwrite: bool = False, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it."""
     path = Path(path)
-    check_writable(path, overwrite)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+    check_writable(path, overwrite, directory)
+    try:
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:  # e.g. a read-only file system, or no space even for an empty entry
+        raise SpinQuantError(f"could not write {path} ({e.strerror or e}); choose a writable location") from None
     # mkstemp/mkdtemp create private (0600/0700) entries; give the output the user's usual permissions.
     umask = os.umask(0)
     os.umask(umask)
