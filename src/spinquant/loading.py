@@ -66,7 +66,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     source, gguf_file = resolve(name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # GGUF loading is chatty; our own progress shows instead
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would bury a one-line error below it
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
@@ -79,6 +81,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
         logging.getLogger("transformers").setLevel(logging.WARNING)
     from .models import adapter_for
 
