@@ -104,12 +104,17 @@ def save_rotations(rot: Rotations, path: str | Path, layout: str = "ours", overw
 def load_rotations(path: str | Path) -> Rotations:
     """Read either layout, detected from the file's first bytes; never unpickles code."""
     path = Path(path)
+    if path.is_dir():
+        raise SpinQuantError(f"rotation file {path} is a directory; pass the rotation file itself "
+                             "(written by --save-rotation)")
     if not path.is_file():
         raise SpinQuantError(f"rotation file {path} not found; pass a file written by --save-rotation")
     head = path.read_bytes()[:8]
     try:
         if head[:2] == b"PK" or head[:1] == b"\x80":  # torch zip archive or legacy pickle
-            d = torch.load(path, map_location="cpu", weights_only=True)
+            # A file object, not the path: torch.load would hand a *.safetensors name to safetensors.
+            with path.open("rb") as f:
+                d = torch.load(f, map_location="cpu", weights_only=True)
             if not isinstance(d, dict):
                 raise SpinQuantError(f"{path} is not a dict of tensors; pass a SpinQuant rotation file")
             return _from_dict(d, REFERENCE_R2, path)
