@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from . import api
 from .config import TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
+from .data import check_calibration_differs
 from .errors import SpinQuantError
 from .loading import DEFAULT_MODEL
 
@@ -152,12 +153,27 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
                        act_order=a.gptq_act_order)
     cfg.output, cfg.overwrite = a.output, a.overwrite
-    if cfg.train.calib_data == cfg.eval.data:
-        raise SpinQuantError(
-            f"calibration data and evaluation data are both {cfg.eval.data!r}; calibrate on other text "
-            "(e.g. --calib-data wikitext2-valid)"
-        )
-    return cfg.validate()
+    check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
+    cfg.validate()
+    _check_side_outputs(cfg)
+    return cfg
+
+
+def _check_side_outputs(cfg: RunConfig) -> None:
+    """Files written during or after the work (rotations, training checkpoint) must be writable now, not
+    after an hour of training; the training checkpoint to resume from must be a file."""
+    from pathlib import Path
+
+    from .io import check_writable
+
+    if cfg.train.resume and Path(cfg.train.resume).is_dir():
+        raise SpinQuantError(f"--resume {cfg.train.resume} is a directory; pass the checkpoint file written by "
+                             "--train-checkpoint")
+    if cfg.rotation.save_file:
+        check_writable(Path(cfg.rotation.save_file), cfg.overwrite, directory=False)
+    ckpt = cfg.train.checkpoint
+    if ckpt and cfg.rotation.mode == "learned" and not cfg.rotation.rotation_file and ckpt != cfg.train.resume:
+        check_writable(Path(ckpt), overwrite=True, directory=False)  # training rewrites it on every save
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -220,6 +220,41 @@ def _join_jsonl(text: str, path: Path) -> str:
     return _JOIN.join(docs)
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def same_text_source(a: str, b: str) -> bool:
+    """Whether two data sources name the same text: the same name, the same file by another path (symlink,
+    `..`, relative), or two local files with identical bytes. Reads nothing but local files."""
+    a, b = str(a), str(b)
+    if a == b:
+        return True
+    if a in NAMED_SOURCES or b in NAMED_SOURCES:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.is_file() and pb.is_file()):
+        return False
+    if pa.resolve() == pb.resolve():
+        return True
+    return pa.stat().st_size == pb.stat().st_size and _file_digest(pa) == _file_digest(pb)
+
+
+def check_calibration_differs(calib: str, eval_data: str, what: str = "calibration data") -> None:
+    """Refuse calibrating on the evaluation text (it inflates the scores): one check for the CLI, rotation
+    training and GPTQ. `what` names the caller's data in the message, e.g. "GPTQ calibration data"."""
+    if same_text_source(calib, eval_data):
+        same = f"both {calib!r}" if str(calib) == str(eval_data) else f"{calib!r} and {eval_data!r}, the same text"
+        raise SpinQuantError(
+            f"{what} and evaluation data are {same}; calibrate on other text "
+            "(e.g. --calib-data wikitext2-valid or c4)"
+        )
+
+
 # Tokenizing a 1.3 MB corpus takes seconds, and evaluation and calibration often reuse it in one process.
 _TOKEN_CACHE: OrderedDict[tuple, tuple[Any, torch.Tensor]] = OrderedDict()
 _TOKEN_CACHE_SIZE = 4
@@ -251,13 +286,13 @@ def _check_positive(value: int | None, what: str, flag: str) -> None:
         raise SpinQuantError(f"{what} must be a positive integer, got {value!r}; fix {flag}")
 
 
-def _ids_for(text: str, tokenizer: Any, seq_len: int) -> torch.Tensor:
-    _check_positive(seq_len, "seq_len", "--seq-len")
+def _ids_for(text: str, tokenizer: Any, seq_len: int, flag: str = "--seq-len") -> torch.Tensor:
+    _check_positive(seq_len, "seq_len", flag)
     ids = _token_ids(text, tokenizer)
     if ids.numel() < seq_len:
         raise SpinQuantError(
             f"text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
-            "use a smaller --seq-len or more text"
+            f"use a smaller {flag} or more text"
         )
     return ids
 
@@ -275,8 +310,8 @@ def tokenize_windows(text: str, tokenizer: Any, seq_len: int, max_windows: int |
 
 def calibration_batches(text: str, tokenizer: Any, seq_len: int, n_samples: int, seed: int) -> torch.Tensor:
     """Draw n_samples random seq_len windows from the tokenized text (GPTQ-style), reproducible per seed."""
-    _check_positive(n_samples, "n_samples", "--n-samples")
-    ids = _ids_for(text, tokenizer, seq_len)
+    _check_positive(n_samples, "n_samples", "--gptq-samples or --train-steps")
+    ids = _ids_for(text, tokenizer, seq_len, flag="--train-seq-len / --gptq-seq-len")
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
