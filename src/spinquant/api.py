@@ -27,6 +27,15 @@ def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
                              "or less")
 
 
+def check_calibration_seq_len(model, cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
+    """Training and GPTQ windows must fit the model's context too; checked before any work."""
+    learned = cfg.rotation.mode == "learned" or "learned" in methods
+    if learned and not cfg.rotation.rotation_file:
+        check_seq_len(model, cfg.train.seq_len, "--train-seq-len")
+    if cfg.quant.weight_method == "gptq":
+        check_seq_len(model, cfg.gptq.seq_len, "--gptq-seq-len")
+
+
 def eval_windows(cfg: RunConfig, model, tokenizer) -> torch.Tensor:
     check_seq_len(model, cfg.eval.seq_len)
     return tokenize_windows(load_text(cfg.eval.data), tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
@@ -97,6 +106,7 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
 
         check_request(export, cfg)  # an export that cannot work fails now, before the quantization
     model, tokenizer = load_model(cfg.model)
+    check_calibration_seq_len(model, cfg)
     windows = eval_windows(cfg, model, tokenizer) if evaluate else None
     report = quantize(model, tokenizer, cfg)
     result = {"model": cfg.model, "method": cfg.rotation.mode, "quant": cfg.quant.label,
@@ -149,6 +159,7 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
         if out:
             check_writable(Path(out), cfg.overwrite)  # before the comparison runs, not after
     base, tokenizer = load_model(cfg.model)
+    check_calibration_seq_len(base, cfg, tuple(methods))
     windows = eval_windows(cfg, base, tokenizer)
     rows = []
     for method in methods:

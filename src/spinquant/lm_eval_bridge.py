@@ -79,12 +79,18 @@ def hflm(model: Any, tokenizer: Any, batch_size: int = 8, add_special_tokens: bo
         logger.setLevel(level)
 
 
+_MANAGER = None
+
+
 def task_manager(tasks: list[str]) -> Any:
     """lm-eval's task index (it takes a while to build), after checking every name is in it."""
     _require_lm_eval(tasks)
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager()
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = TaskManager()  # seconds to build: once per process (check_tasks, then the evaluation)
+    manager = _MANAGER
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise SpinQuantError(f"lm-eval has no task {', '.join(unknown)}; see `lm-eval ls tasks` for the names "
@@ -145,4 +151,6 @@ def check_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
     remote = [t for t in tasks if t not in TASK_LOADERS]
     if remote and importlib.util.find_spec("lm_eval") is None:
         _require_lm_eval(remote)
+    if remote:
+        task_manager(remote)  # an unknown name fails now, not after the quantization and a saved output
     return tasks
