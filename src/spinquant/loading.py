@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import pickle
 from pathlib import Path
 
 import torch
 
-from .errors import SpinQuantError
+from .errors import SpinQuantError, unpickling_refusal
 
 DEFAULT_MODEL = "smollm2-135m"
 # Built-in names → (Python package shipping the file, file name). Located, never imported.
@@ -74,6 +75,12 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except SpinQuantError:
         raise
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a pickle that is not just tensors
+        raise SpinQuantError(
+            f"cannot load model {name!r}: its weights file is a pickle with more than tensors in it "
+            f"({unpickling_refusal(e)}); "
+            "refused, nothing in it was run: use the model's safetensors weights or a trusted source"
+        ) from None
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
         raise SpinQuantError(

@@ -8,13 +8,14 @@ Two file layouts:
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import SpinQuantError
+from .errors import SpinQuantError, unpickling_refusal
 from .hadamard import random_hadamard, random_orthogonal
 from .io import atomic_path
 
@@ -123,7 +124,12 @@ def load_rotations(path: str | Path) -> Rotations:
         return _from_dict(load_file(str(path)), OURS_R2, path)
     except SpinQuantError:
         raise
-    except Exception as e:  # corrupt, truncated or hostile file
+    except pickle.UnpicklingError as e:  # weights_only=True met code or objects other than tensors
+        raise SpinQuantError(
+            f"rotation file {path} holds more than tensors ({unpickling_refusal(e)}); refused, nothing in it "
+            "was run: use a file written by --save-rotation or SpinQuant's R.bin from a trusted source"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - corrupt or truncated files fail in many ways; all mean "re-save"
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise SpinQuantError(
             f"cannot read rotation file {path} ({first}); it is corrupt or not a rotation file: "
