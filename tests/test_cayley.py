@@ -1,5 +1,7 @@
 """Cayley SGD keeps rotations orthogonal and actually lowers a quantization loss."""
 
+import itertools
+
 import torch
 
 from spinquant.cayley import CayleySGD, lr_schedule, nearest_orthogonal, skew_direction
@@ -42,7 +44,7 @@ def test_step_is_a_descent_direction():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert all(b <= a_ + 1e-12 for a_, b in zip(losses, losses[1:]))
+    assert all(b <= a_ + 1e-12 for a_, b in itertools.pairwise(losses))
 
 
 def quant_error(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ BAD = {
 def test_bad_input_one_line_error_exit_2(name, tiny_dir, files, capsys):
     extra, expected = BAD[name]
     base = ["quantize", "--model", str(tiny_dir), *small(files)]
-    code, out, err = run_cli(base + extra, capsys)
+    code, _out, err = run_cli(base + extra, capsys)
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("spinquant: error:")]
     assert len(lines) == 1 and expected in lines[0], err

@@ -32,7 +32,7 @@ def test_codes_stay_in_range_and_values_on_the_grid(bits, symmetric):
 
 def test_asymmetric_zero_point_keeps_zero_exact():
     x = torch.tensor([[0.0, 0.3, 1.7, 2.5, 4.0]])  # all non-negative: zero must still be on the grid
-    scale, zero = compute_qparams(x, 4, symmetric=False)
+    _scale, zero = compute_qparams(x, 4, symmetric=False)
     assert zero.item() == 0
     y = fake_quantize(torch.tensor([[-1.0, 0.0, 3.0]]), QuantSpec(4, symmetric=False))
     assert y[0, 1].item() == 0.0

@@ -118,8 +118,8 @@ class TrainConfig:
             raise SpinQuantError(f"learning rate must be positive, got {self.lr}")
 
 
-PAPER_TRAIN = dict(steps=100, batch=8, seq_len=2048, lr=1.5)
-CPU_TRAIN = dict(steps=60, batch=2, seq_len=512, lr=1.5)
+PAPER_TRAIN = {"steps": 100, "batch": 8, "seq_len": 2048, "lr": 1.5}
+CPU_TRAIN = {"steps": 60, "batch": 2, "seq_len": 512, "lr": 1.5}
 TRAIN_PRESETS = {"paper": PAPER_TRAIN, "cpu": CPU_TRAIN}
 
 
