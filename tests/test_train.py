@@ -49,6 +49,52 @@ def tiny_train_config(steps=2, **quant) -> RunConfig:
     return cfg
 
 
+def test_teacher_forward_is_the_float_model_and_quantizers_come_back():
+    """The KL loss's teacher runs the training model with every quantizer off: with the rotations cancelling,
+    that is the original float model; afterwards the quantized forward is back."""
+    model = tiny_model("llama", dtype=torch.float64)
+    ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        original = model(ids).logits
+    parts = model_parts(model)
+    prepare(parts)
+    install_modules(parts, r3=True, r4=True)
+    q = QuantConfig()  # W4A4KV4
+    from spinquant.pipeline import set_activation_quant
+
+    set_activation_quant(parts, q)
+    rot = make_rotations("random", parts.hidden_size, parts.head_dim, len(parts.layers), seed=1)
+    installed = _Installed(parts, RotationParams(rot).double(), q.weight)
+    installed.refresh_clip()
+    with torch.no_grad():
+        quantized = model(ids).logits
+        with installed.float_forward():
+            teacher = model(ids).logits
+        again = model(ids).logits
+    installed.remove()
+    assert (teacher - original).abs().max() < 1e-5
+    assert (quantized - original).abs().max() > 1e-2  # the quantizers were really on
+    assert torch.equal(again, quantized)
+
+
+def test_clip_refresh_matches_the_final_clip_search():
+    """In RTN mode training sees the clip-searched grid of the rotated weight, not the min-max one."""
+    from spinquant.quant.quantizer import quantize_weight
+
+    model, parts = prepared("llama", torch.float32)
+    spec = QuantSpec(bits=4, clip_search=True)
+    rot = make_rotations("random", parts.hidden_size, parts.head_dim, len(parts.layers), seed=2)
+    installed = _Installed(parts, RotationParams(rot), spec)
+    wrapper = installed.wrappers()[0]
+    wrapper.refresh_clip()
+    w_train = wrapper.effective()[0].detach()
+    final = quantize_weight(wrapper.rotated()[0].detach(), spec).dequantize()
+    minmax = quantize_weight(wrapper.rotated()[0].detach(), QuantSpec(bits=4)).dequantize()
+    installed.remove()
+    # The training grid is a coarse search (every 4 %), so it is close to the final one, and not min-max.
+    assert (w_train - final).abs().mean() < 0.5 * (minmax - final).abs().mean()
+
+
 def test_two_step_training_smoke():
     model, parts = prepared("llama", torch.float32)
     init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))
@@ -118,38 +164,42 @@ def test_non_finite_loss_stops_with_clear_error():
     assert all(type(m).__name__ != "RotatedLinear" for m in model.modules())
 
 
-def test_resumed_training_reaches_the_same_rotations(tmp_path):
-    """Stop after 2 of 4 steps (checkpoint), resume: same rotations as an uninterrupted 4-step run."""
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_resumed_training_reaches_the_same_rotations(tmp_path, loss):
+    """Stop after 2 of 4 steps (checkpoint), resume: same rotations as an uninterrupted 4-step run. The clip
+    search runs every 3 steps, so the resumed run must also restore the clip ranges from the checkpoint."""
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
 
     def run(**train):
         model, parts = prepared("llama", torch.float32)
         init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))
         cfg = tiny_train_config(steps=4)
+        cfg.train.loss, cfg.train.clip_every = loss, 3
         for k, v in train.items():
             setattr(cfg.train, k, v)
         return train_rotations(parts, init, cfg, calib_ids=calib, progress=False)
 
     full = run()
     ckpt = tmp_path / "train.ckpt"
-    with pytest.raises(KeyboardInterrupt):
+    import spinquant.train as train_mod
+
+    name = "distillation_loss" if loss == "kl" else "next_token_loss"
+    original = getattr(train_mod, name)
+    calls = {"n": 0}
+
+    def interrupting(*args):
         # Interrupt right after the step-2 checkpoint by making step 3's batch blow up.
-        import spinquant.train as train_mod
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args)
 
-        original = train_mod.next_token_loss
-        calls = {"n": 0}
-
-        def interrupting(model, ids):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-            return original(model, ids)
-
-        train_mod.next_token_loss = interrupting
-        try:
+    setattr(train_mod, name, interrupting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
             run(checkpoint=str(ckpt), checkpoint_every=2)
-        finally:
-            train_mod.next_token_loss = original
+    finally:
+        setattr(train_mod, name, original)
     assert ckpt.is_file()
     resumed = run(checkpoint=str(ckpt), resume=str(ckpt))
     assert len(resumed.losses) == 4 and resumed.losses[:2] == full.losses[:2]

@@ -106,6 +106,10 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
     for_gptq: bool | None = None  # None: follow QuantConfig.weight_method
+    # "kl": match the float model's next-token distribution (a teacher forward per step, far more signal per
+    # token than the labels); "ce": next-token cross-entropy on the labels, as in the paper.
+    loss: Literal["kl", "ce"] = "kl"
+    clip_every: int = 10  # RTN mode: re-run the weights' clip search on the rotated weights every N steps
     checkpoint: str | None = None  # where to keep the training state (also written on Ctrl-C / NaN)
     checkpoint_every: int = 0
     resume: str | None = None
@@ -116,6 +120,10 @@ class TrainConfig:
                 raise SpinQuantError(f"training {name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise SpinQuantError(f"learning rate must be positive, got {self.lr}")
+        if self.loss not in ("kl", "ce"):
+            raise SpinQuantError(f"unknown training loss {self.loss!r}; use kl or ce")
+        if self.clip_every <= 0:
+            raise SpinQuantError(f"clip refresh interval must be positive, got {self.clip_every}")
 
 
 PAPER_TRAIN = {"steps": 100, "batch": 8, "seq_len": 2048, "lr": 1.5}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,11 +23,11 @@ from torch import nn
 
 from .cayley import CayleySGD, lr_schedule
 from .config import QuantSpec, RunConfig
-from .errors import SpinQuantError
+from .errors import SpinQuantError, unpickling_refusal
 from .models import LayerParts, ModelParts
 from .nn import QuantLinear
 from .pipeline import set_activation_quant
-from .quant.quantizer import fake_quantize_weight
+from .quant.quantizer import fake_quantize_weight, search_clip_ratio, to_groups
 from .rotate import rotate_heads_in, rotate_heads_out, rotate_in, rotate_out
 from .rotations import Rotations
 
@@ -51,9 +52,11 @@ class RotatedLinear(nn.Module):
         super().__init__()
         self.inner, self.role, self.layer, self.head_dim = inner, role, layer, head_dim
         self.weight_spec = weight_spec
+        self.quantize = True  # False for the float teacher's forward
+        self.clip_ratio: torch.Tensor | None = None  # per-row range shrink from the last clip search
         object.__setattr__(self, "rot", rot)  # shared, not a child: keeps it out of this module's params
 
-    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def rotated(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.inner.weight, self.inner.bias
         r1, r2, d = self.rot.r1, self.rot.r2[self.layer], self.head_dim
         if self.role in ("q", "k", "gate", "up"):
@@ -67,7 +70,22 @@ class RotatedLinear(nn.Module):
         elif self.role == "down":
             w = rotate_out(w, r1)
             b = None if b is None else rotate_out(b, r1)
-        return fake_quantize_weight(w, self.weight_spec), b
+        return w, b
+
+    @torch.no_grad()
+    def refresh_clip(self, grid: int = 25) -> None:
+        """Clip-search the rotated weight (coarse grid) and keep the shrinks until the next refresh: training
+        then sees the range choice the final quantizer makes, without a full search on every step."""
+        spec = self.weight_spec
+        if spec.enabled and spec.clip_search:
+            w = to_groups(self.rotated()[0].float(), spec.group_size)
+            self.clip_ratio = search_clip_ratio(w, spec.bits, spec.symmetric, grid=grid)
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.rotated()
+        if not self.quantize:
+            return w, b
+        return fake_quantize_weight(w, self.weight_spec, self.clip_ratio), b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.effective()
@@ -96,6 +114,42 @@ class _Installed:
             parts.lm_head.register_forward_pre_hook(lambda m, args: (args[0] @ rot.r1.T.to(args[0].dtype),)),
         ]
 
+    def wrappers(self) -> list[RotatedLinear]:
+        return [layer.get(role) for layer, role, _ in self.swaps]
+
+    def refresh_clip(self) -> None:
+        for w in self.wrappers():
+            w.refresh_clip()
+
+    def clip_missing(self) -> bool:
+        return any(w.clip_ratio is None for w in self.wrappers())
+
+    def clip_state(self) -> dict[str, torch.Tensor]:
+        return {str(i): w.clip_ratio for i, w in enumerate(self.wrappers()) if w.clip_ratio is not None}
+
+    def load_clip_state(self, state: dict[str, torch.Tensor]) -> None:
+        for i, w in enumerate(self.wrappers()):
+            if str(i) in state:
+                w.clip_ratio = state[str(i)]
+
+    @contextmanager
+    def float_forward(self):
+        """No quantizer anywhere: the network computes the original float function (rotations cancel)."""
+        act = [q for layer in self.parts.layers for q in _act_quantizers(layer)]
+        specs = [q.spec for q in act]
+        wrappers = self.wrappers()
+        try:
+            for q in act:
+                q.spec = QuantSpec(bits=16)
+            for w in wrappers:
+                w.quantize = False
+            yield
+        finally:
+            for q, spec in zip(act, specs):
+                q.spec = spec
+            for w in wrappers:
+                w.quantize = True
+
     def remove(self) -> None:
         for layer, role, linear in self.swaps:
             layer.set(role, linear)
@@ -103,20 +157,26 @@ class _Installed:
             h.remove()
 
 
+def _act_quantizers(layer: LayerParts):
+    kv = layer.attention.kv_quant
+    return [linear.inner.act_quant if isinstance(linear, RotatedLinear) else linear.act_quant
+            for linear in layer.linears().values()] + [kv.key_quant, kv.value_quant]
+
+
 def training_weight_spec(cfg: RunConfig) -> QuantSpec:
-    """Rotations for GPTQ train at W16 (GPTQ will handle the weights); for RTN, train with min-max W quant."""
+    """Rotations for GPTQ train at W16 (GPTQ will handle the weights); for RTN, train through the final weight
+    quantizer, clip search included (run every `clip_every` steps): rotations trained through min-max rounding
+    learn to lean on it and lose their gain once the final clip search picks other ranges."""
     for_gptq = cfg.train.for_gptq if cfg.train.for_gptq is not None else cfg.quant.weight_method == "gptq"
     if for_gptq or not cfg.quant.weight.enabled:
         return QuantSpec(bits=16)
-    return replace(cfg.quant.weight, clip_search=False)  # the clip search is for the final weights, not each step
+    return cfg.quant.weight
 
 
 def calibration_ids(cfg: RunConfig, tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
-    from .data import calibration_batches, load_text
+    from .data import calibration_batches, check_calibration_differs, load_text
 
-    if cfg.train.calib_data == cfg.eval.data:
-        raise SpinQuantError(f"calibration data {cfg.train.calib_data!r} is the evaluation text; calibrate on "
-                             "other text (e.g. --calib-data wikitext2-valid)")
+    check_calibration_differs(cfg.train.calib_data, cfg.eval.data, what="rotation calibration data")
     return calibration_batches(load_text(cfg.train.calib_data, split_hint="train"), tokenizer, seq_len,
                                n_samples, cfg.seed)
 
@@ -124,6 +184,76 @@ def calibration_ids(cfg: RunConfig, tokenizer, n_samples: int, seq_len: int) -> 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def distillation_loss(model: nn.Module, ids: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(float ‖ quantized) of the next-token distributions, averaged over tokens."""
+    student = model(input_ids=ids, use_cache=False).logits.flatten(0, 1).float().log_softmax(-1)
+    teacher = teacher_logits.flatten(0, 1).float().log_softmax(-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+class _NonFinite(Exception):
+    """A step's loss or gradient was NaN/inf; the rotations were not updated."""
+
+
+def _train_step(model, installed: _Installed, rot: RotationParams, optimizer, calib_ids: torch.Tensor, step: int,
+                tc, wspec: QuantSpec, use_bf16: bool, device) -> float:
+    """One Cayley-SGD step; returns the loss, raises _NonFinite (rotations untouched) on NaN/inf."""
+    # Batches depend only on (seed, step): a resumed run sees exactly the batches it would have.
+    idx = torch.arange(step * tc.batch, (step + 1) * tc.batch) % len(calib_ids)
+    ids = calib_ids[idx].to(device)
+    if wspec.clip_search and (step % tc.clip_every == 0 or installed.clip_missing()):
+        installed.refresh_clip()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        if tc.loss == "kl":
+            with torch.no_grad(), installed.float_forward():
+                teacher = model(input_ids=ids, use_cache=False).logits
+            loss = distillation_loss(model, ids, teacher)
+            del teacher
+        else:
+            loss = next_token_loss(model, ids)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        raise _NonFinite(f"loss became {loss.item()}")
+    loss.backward()
+    if not all(torch.isfinite(p.grad).all() for p in rot.parameters() if p.grad is not None):
+        raise _NonFinite("a gradient became non-finite")
+    if tc.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(rot.parameters(), tc.max_grad_norm)
+    optimizer.step()
+    return loss.item()
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during a step takes effect at the step's end, so the saved checkpoint matches the rotations
+    exactly and a resumed run reaches the same result; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = self.forced = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nspinquant: finishing this training step, then saving (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenizer=None,
@@ -157,7 +287,8 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
     losses: list[float] = []
     first_step = 0
     if tc.resume:
-        first_step, losses = load_checkpoint(tc.resume, rot, optimizer, scheduler, tc.steps)
+        first_step, losses, clips = load_checkpoint(tc.resume, rot, optimizer, scheduler, tc.steps)
+        installed.load_clip_state(clips)
     start = time.perf_counter()
     if device.type == "cpu":
         import resource
@@ -165,37 +296,36 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     bar = tqdm(range(first_step, tc.steps), desc="training rotations", disable=not progress, mininterval=2,
                initial=first_step, total=tc.steps)
-    step = first_step
+    done = first_step  # steps whose update is in `rot`: what a checkpoint records
+    stop = _DeferredInterrupt()
     try:
-        for step in bar:
-            # Batches depend only on (seed, step): a resumed run sees exactly the batches it would have.
-            idx = torch.arange(step * tc.batch, (step + 1) * tc.batch) % len(calib_ids)
-            ids = calib_ids[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = next_token_loss(model, ids)
-            optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-            grads_ok = all(torch.isfinite(p.grad).all() for p in rot.parameters() if p.grad is not None)
-            if not torch.isfinite(loss) or not grads_ok:
-                what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "a gradient became non-finite"
-                saved = save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, step, losses)
-                raise SpinQuantError(
-                    f"training {what} at step {step}; stopped with the last good rotations"
-                    + (f" saved in {saved}" if saved else "") + ". Lower --lr or use more bits"
-                )
-            if tc.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(rot.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
-                save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, step + 1, losses)
+        with stop:
+            for step in bar:
+                try:
+                    loss = _train_step(model, installed, rot, optimizer, calib_ids, step, tc, wspec, use_bf16,
+                                       device)
+                except _NonFinite as bad:
+                    saved = save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, done, losses,
+                                            installed.clip_state())
+                    raise SpinQuantError(
+                        f"training {bad} at step {step}; stopped with the last good rotations"
+                        + (f" saved in {saved}" if saved else "") + ". Lower --lr or use more bits"
+                    ) from None
+                scheduler.step()
+                losses.append(loss)
+                done = step + 1
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if tc.checkpoint_every and done % tc.checkpoint_every == 0:
+                    save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, done, losses, installed.clip_state())
+                if stop.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        saved = save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, step, losses)
+        # After a second Ctrl-C the rotations may be mid-update: keep the last periodic checkpoint instead.
+        saved = None if stop.forced else save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, done, losses,
+                                                         installed.clip_state())
         if saved:
-            print(f"spinquant: training interrupted at step {step}; resume with --resume {saved}", file=sys.stderr)
+            print(f"spinquant: training interrupted after step {done}; resume with --resume {saved}",
+                  file=sys.stderr)
         raise
     finally:
         installed.remove()
@@ -208,7 +338,7 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
         "steps": len(losses), "batch": tc.batch, "seq_len": tc.seq_len, "lr": tc.lr,
         "samples": len(losses) * tc.batch, "tokens": len(losses) * tc.batch * tc.seq_len,
         "seconds": seconds, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "trained_with_weight_bits": wspec.bits, "calib_data": tc.calib_data,
+        "trained_with_weight_bits": wspec.bits, "calib_data": tc.calib_data, "loss": tc.loss,
     }
     if device.type == "cuda":
         summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -222,20 +352,23 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
 CHECKPOINT_FORMAT = "spinquant-train-checkpoint-1"
 
 
-def save_checkpoint(path, rot: RotationParams, optimizer, scheduler, step: int, losses: list[float]) -> Path | None:
+def save_checkpoint(path, rot: RotationParams, optimizer, scheduler, step: int, losses: list[float],
+                    clip_ratios: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Everything needed to continue exactly where training stopped (atomic; None when no path is set)."""
     if not path:
         return None
     from .io import atomic_path
 
     state = {"format": CHECKPOINT_FORMAT, "step": step, "losses": torch.tensor(losses, dtype=torch.float64),
-             "rotations": rot.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+             "rotations": rot.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "clip_ratios": clip_ratios or {}}
     with atomic_path(Path(path), overwrite=True) as tmp:
         torch.save(state, tmp)
     return Path(path)
 
 
-def load_checkpoint(path, rot: RotationParams, optimizer, scheduler, total_steps: int) -> tuple[int, list[float]]:
+def load_checkpoint(path, rot: RotationParams, optimizer, scheduler,
+                    total_steps: int) -> tuple[int, list[float], dict[str, torch.Tensor]]:
     """Restore a checkpoint written by save_checkpoint; refuses foreign or mismatched files."""
     path = Path(path)
     if not path.is_file():
@@ -248,18 +381,20 @@ def load_checkpoint(path, rot: RotationParams, optimizer, scheduler, total_steps
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except Exception as e:  # noqa: BLE001 - corrupt, hostile or mismatched files all mean "cannot resume"
-        raise SpinQuantError(f"cannot resume from {path} ({str(e).splitlines()[0][:160]}); it is corrupt or from "
-                             "another model: start again without --resume") from None
+        raise SpinQuantError(f"cannot resume from {path} ({unpickling_refusal(e)}); it is corrupt, hostile or "
+                             "from another model: start again without --resume") from None
     if state["step"] > total_steps:
         raise SpinQuantError(f"{path} is at step {state['step']}, past --train-steps {total_steps}; "
                              "raise --train-steps or start again")
-    return int(state["step"]), state["losses"].tolist()
+    return int(state["step"]), state["losses"].tolist(), dict(state.get("clip_ratios", {}))
 
 
 def write_loss_curve(losses: list[float], stem: Path) -> list[Path]:
     """`<stem>.loss.csv` always, `<stem>.loss.png` when matplotlib is installed."""
+    from .io import atomic_path
+
     csv_path = stem.with_name(stem.name + ".loss.csv")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_path(csv_path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows(enumerate(losses))
@@ -279,6 +414,7 @@ def write_loss_curve(losses: list[float], stem: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     png = stem.with_name(stem.name + ".loss.png")
-    fig.savefig(png, dpi=120)
+    with atomic_path(png, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return written + [png]

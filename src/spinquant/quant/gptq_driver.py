@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import calibration_batches, load_text
+from ..data import calibration_batches, check_calibration_differs, load_text
 from ..errors import SpinQuantError
 from .gptq import HessianAccumulator, gptq_quantize
 from .quantizer import QuantizedTensor
@@ -57,21 +56,10 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _same_source(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.is_file() and pb.is_file() and pa.resolve() == pb.resolve()
-
-
 def calibration_ids(cfg: RunConfig, tokenizer: Any) -> torch.Tensor:
     """cfg.gptq.samples random windows of cfg.gptq.seq_len tokens from the calibration text."""
     src = cfg.gptq.calib_data
-    if _same_source(str(src), str(cfg.eval.data)):
-        raise SpinQuantError(
-            f"GPTQ calibration data {src!r} is the evaluation text; calibrating on the evaluation text is "
-            "not allowed (it inflates the scores): use wikitext2-valid, c4 or another file"
-        )
+    check_calibration_differs(src, cfg.eval.data, what="GPTQ calibration data")
     if tokenizer is None:
         raise SpinQuantError(
             "GPTQ needs a tokenizer to read its calibration text; load the model's tokenizer"

@@ -77,31 +77,35 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return fake_quant(g, scale, zero, spec.bits, spec.symmetric).reshape(x.shape)
 
 
-def search_clip(
+def search_clip_ratio(
     w: torch.Tensor,
     bits: int,
     symmetric: bool,
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per slice, the range shrink in [1 - max_shrink, 1] minimising sum |Q(w) - w|^norm.
+) -> torch.Tensor:
+    """Per slice, the range shrink in [1 - max_shrink, 1] minimising sum |Q(w) - w|^norm ([..., 1]).
 
     The 2.4 norm (GPTQ's choice) weighs large errors a little more than L2, which suits the outliers
     that rotations leave behind.
     """
     w = w.detach()
     best_err = torch.full(w.shape[:-1] + (1,), float("inf"), device=w.device, dtype=w.dtype)
-    best_scale, best_zero = compute_qparams(w, bits, symmetric, 1.0)
+    best_ratio = torch.ones_like(best_err)
     for i in range(int(max_shrink * grid)):
         ratio = 1.0 - i / grid
         scale, zero = compute_qparams(w, bits, symmetric, ratio)
         err = (fake_quant(w, scale, zero, bits, symmetric) - w).abs().pow(norm).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+def search_clip(w: torch.Tensor, bits: int, symmetric: bool, **search) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point at the clip-searched range shrink of each slice."""
+    return compute_qparams(w, bits, symmetric, search_clip_ratio(w, bits, symmetric, **search))
 
 
 def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,10 +152,17 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     )
 
 
-def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize a weight; differentiable (STE) so rotation training can pass through it."""
+def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize a weight; differentiable (STE) so rotation training can pass through it.
+
+    `clip_ratio` ([..., n_groups, 1] or [rows, 1]) fixes each slice's range shrink, e.g. one found by an
+    earlier clip search, so a training step does not repeat the search.
+    """
     if not spec.enabled:
         return w
     g = to_groups(w, spec.group_size)
-    scale, zero = weight_qparams(g, spec)
+    if clip_ratio is not None:
+        scale, zero = compute_qparams(g, spec.bits, spec.symmetric, clip_ratio)
+    else:
+        scale, zero = weight_qparams(g, spec)
     return fake_quant(g, scale, zero, spec.bits, spec.symmetric).reshape(w.shape)
