@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .cayley import CayleySGD, lr_schedule
 from .config import QuantSpec, RunConfig
 from .errors import SpinQuantError, unpickling_refusal
@@ -102,8 +103,10 @@ class TrainResult:
 class _Installed:
     """Puts the training wrappers and hooks in place, and takes them all out again."""
 
-    def __init__(self, parts: ModelParts, rot: RotationParams, weight_spec: QuantSpec):
+    def __init__(self, parts: ModelParts, rot: RotationParams, weight_spec: QuantSpec, gather=None):
         self.parts, self.rot = parts, rot
+        # gather(layer module) → context in which the layer's weights are whole (FSDP shards them between steps)
+        self.gather = gather or (lambda module: nullcontext())
         self.swaps: list[tuple[LayerParts, str, QuantLinear]] = []
         for layer in parts.layers:
             for role, linear in layer.linears().items():
@@ -118,8 +121,10 @@ class _Installed:
         return [layer.get(role) for layer, role, _ in self.swaps]
 
     def refresh_clip(self) -> None:
-        for w in self.wrappers():
-            w.refresh_clip()
+        for layer in self.parts.layers:
+            with self.gather(layer.module):
+                for wrapper in layer.linears().values():
+                    wrapper.refresh_clip()
 
     def clip_missing(self) -> bool:
         return any(w.clip_ratio is None for w in self.wrappers())
@@ -198,11 +203,15 @@ class _NonFinite(Exception):
 
 
 def _train_step(model, installed: _Installed, rot: RotationParams, optimizer, calib_ids: torch.Tensor, step: int,
-                tc, wspec: QuantSpec, use_bf16: bool, device) -> float:
-    """One Cayley-SGD step; returns the loss, raises _NonFinite (rotations untouched) on NaN/inf."""
+                tc, wspec: QuantSpec, use_bf16: bool, device, ctx: distributed.Context | None = None) -> float:
+    """One Cayley-SGD step; returns the loss, raises _NonFinite (rotations untouched) on NaN/inf.
+
+    With `ctx` (torchrun) this rank computes its slice of the global batch and the gradients are averaged
+    over ranks before the step; loss and checks use the averaged values, so every rank decides alike."""
     # Batches depend only on (seed, step): a resumed run sees exactly the batches it would have.
     idx = torch.arange(step * tc.batch, (step + 1) * tc.batch) % len(calib_ids)
-    ids = calib_ids[idx].to(device)
+    ids = calib_ids[idx] if ctx is None else ctx.local_batch(calib_ids[idx])
+    ids = ids.to(device)
     if wspec.clip_search and (step % tc.clip_every == 0 or installed.clip_missing()):
         installed.refresh_clip()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -214,15 +223,25 @@ def _train_step(model, installed: _Installed, rot: RotationParams, optimizer, ca
         else:
             loss = next_token_loss(model, ids)
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        raise _NonFinite(f"loss became {loss.item()}")
+    value = loss.detach() if ctx is None else ctx.mean(loss.detach())
+    if not torch.isfinite(value):
+        raise _NonFinite(f"loss became {value.item()}")
     loss.backward()
+    if ctx is not None:
+        ctx.average_gradients(rot.parameters())
     if not all(torch.isfinite(p.grad).all() for p in rot.parameters() if p.grad is not None):
         raise _NonFinite("a gradient became non-finite")
     if tc.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(rot.parameters(), tc.max_grad_norm)
     optimizer.step()
-    return loss.item()
+    return value.item()
+
+
+def _device_for(cfg: RunConfig, parts: ModelParts) -> torch.device:
+    """Where this process computes: the configured device when it names one, else where the model is."""
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda") if torch.cuda.is_available() else next(parts.model.parameters()).device
 
 
 class _DeferredInterrupt:
@@ -263,21 +282,25 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
     from tqdm.auto import tqdm
 
     tc = cfg.train
-    model = parts.model
-    device = next(model.parameters()).device
+    ctx = distributed.current(_device_for(cfg, parts))
+    progress = progress and distributed.is_main()
     if calib_ids is None:
         calib_ids = calibration_ids(cfg, tokenizer, tc.steps * tc.batch, tc.seq_len)
     if len(calib_ids) < tc.batch:
         raise SpinQuantError(f"{len(calib_ids)} calibration sequences are fewer than one batch of {tc.batch}; "
                              "use more calibration text or a smaller --train-batch")
 
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
+    frozen = {p: p.requires_grad for p in parts.model.parameters()}
+    for p in parts.model.parameters():
         p.requires_grad_(False)
+    set_activation_quant(parts, cfg.quant)
+    if ctx is not None:  # train on an FSDP2-sharded copy; `parts` itself is left whole for the merge
+        parts = distributed.shard(parts, ctx)
+    model = parts.model
+    device = ctx.device if ctx is not None else next(model.parameters()).device
     rot = RotationParams(init).to(device)
     wspec = training_weight_spec(cfg)
-    set_activation_quant(parts, cfg.quant)
-    installed = _Installed(parts, rot, wspec)
+    installed = _Installed(parts, rot, wspec, gather=distributed.gather_fn(ctx))
     optimizer = CayleySGD(rot.parameters(), lr=tc.lr, momentum=tc.momentum)
     scheduler = lr_schedule(optimizer, tc.steps, tc.schedule)
     use_bf16 = device.type == "cuda"
@@ -303,7 +326,7 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
             for step in bar:
                 try:
                     loss = _train_step(model, installed, rot, optimizer, calib_ids, step, tc, wspec, use_bf16,
-                                       device)
+                                       device, ctx)
                 except _NonFinite as bad:
                     saved = save_checkpoint(tc.checkpoint, rot, optimizer, scheduler, done, losses,
                                             installed.clip_state())
@@ -339,12 +362,13 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
         "samples": len(losses) * tc.batch, "tokens": len(losses) * tc.batch * tc.seq_len,
         "seconds": seconds, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "trained_with_weight_bits": wspec.bits, "calib_data": tc.calib_data, "loss": tc.loss,
+        "processes": ctx.world_size if ctx is not None else 1,
     }
     if device.type == "cuda":
         summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         summary["peak_rss_gb"] = max(rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
-    if log_dir is not None:
+    if log_dir is not None and distributed.is_main():
         write_loss_curve(losses, Path(log_dir))
     return TrainResult(rotations=good, losses=losses, summary=summary)
 
@@ -355,7 +379,7 @@ CHECKPOINT_FORMAT = "spinquant-train-checkpoint-1"
 def save_checkpoint(path, rot: RotationParams, optimizer, scheduler, step: int, losses: list[float],
                     clip_ratios: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Everything needed to continue exactly where training stopped (atomic; None when no path is set)."""
-    if not path:
+    if not path or not distributed.is_main():  # ranks hold identical state: one writer
         return None
     from .io import atomic_path
 
