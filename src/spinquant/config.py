@@ -174,11 +174,19 @@ class RunConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # compute device: auto (CUDA when present), cpu, cuda, cuda:N
+    offload: bool = False  # keep the model in CPU memory; decoder layers visit `device` one at a time
     output: str | None = None
     overwrite: bool = False
 
     def validate(self) -> RunConfig:
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise SpinQuantError(f"device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N") from None
         self.quant.validate()
         self.rotation.validate()
         self.train.validate()

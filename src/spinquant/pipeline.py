@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .config import QuantConfig, QuantSpec, RunConfig
 from .errors import SpinQuantError
 from .hadamard import OnlineHadamard, fast_hadamard_transform, is_hadamard_size
@@ -19,6 +20,7 @@ from .nn import KVQuant, QuantLinear, use_spinquant_attention
 from .quant.quantizer import quantize_weight
 from .rotate import merge_r1, merge_r2, prepare, update_weight
 from .rotations import Rotations, load_rotations, make_rotations
+from .streaming import LayerStream, each_layer, on_device, resolve_device
 
 
 @dataclass
@@ -96,19 +98,27 @@ def set_activation_quant(parts: ModelParts, q: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec, progress: bool = True) -> None:
+def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec, progress: bool = True,
+                         stream: LayerStream | None = None) -> None:
     from tqdm.auto import tqdm
 
-    items = list(quant_linears(parts))
-    for _, linear in tqdm(items, desc="RTN weights", disable=not progress or None, leave=False):
-        qt = quantize_weight(linear.weight.data, spec)
-        linear.weight.data = qt.dequantize(linear.weight.dtype)
-        linear.quantized = qt
+    layers = tqdm(each_layer(parts, stream), total=len(parts.layers), desc="RTN weights",
+                  disable=not progress or None, leave=False)
+    for layer in layers:
+        for linear in layer.linears().values():
+            qt = quantize_weight(linear.weight.data, spec)
+            linear.weight.data = qt.dequantize(linear.weight.dtype)
+            linear.quantized = qt.to(stream.home(layer)) if stream is not None else qt  # codes live with the model
+
+
+def layer_stream(cfg: RunConfig) -> LayerStream | None:
+    """With cfg.offload the model stays where it is and layers visit cfg.device one at a time."""
+    return LayerStream(resolve_device(cfg.device)) if cfg.offload else None
 
 
 def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progress: bool = True,
-                      report: QuantizeReport | None = None, calib_ids: torch.Tensor | None = None
-                      ) -> Rotations | None:
+                      report: QuantizeReport | None = None, calib_ids: torch.Tensor | None = None,
+                      stream: LayerStream | None = None) -> Rotations | None:
     """Fixed rotations by construction, learned ones from a file or by training (model already prepared)."""
     rot = cfg.rotation
     n_layers = len(parts.layers)
@@ -122,8 +132,11 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progres
     from .train import train_rotations
 
     log_stem = cfg.rotation.save_file or (f"{cfg.output.rstrip('/')}-rotation" if cfg.output else None)
-    result = train_rotations(parts, init, cfg, tokenizer, calib_ids=calib_ids, progress=progress,
-                             log_dir=log_stem)
+    # Training needs every layer for each step: under torchrun FSDP2 shards the model onto the ranks' devices;
+    # a single process with --offload holds the whole model on the device while it trains.
+    with on_device(None if distributed.launched() else stream, parts.model):
+        result = train_rotations(parts, init, cfg, tokenizer, calib_ids=calib_ids, progress=progress,
+                                 log_dir=log_stem)
     if report is not None:
         report.train = result.summary
     return result.rotations
@@ -146,11 +159,14 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     install_modules(parts, r3=rotated and cfg.rotation.r3, r4=rotated and cfg.rotation.r4)
     report.seconds["prepare"] = time.perf_counter() - t
 
+    stream = layer_stream(cfg)
     t = time.perf_counter()
-    rotations = (resolve_rotations(parts, cfg, tokenizer, progress, report, calib_ids) if rotated else None)
+    rotations = (resolve_rotations(parts, cfg, tokenizer, progress, report, calib_ids, stream) if rotated else None)
+    if not distributed.is_main():
+        return report  # under torchrun the other ranks only help train the rotations
     if rotations is not None:
-        merge_r1(parts, rotations.r1)
-        merge_r2(parts, rotations.r2)
+        merge_r1(parts, rotations.r1, stream)
+        merge_r2(parts, rotations.r2, stream)
         if cfg.rotation.save_file:
             from .rotations import save_rotations
 
@@ -162,9 +178,10 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
         if cfg.quant.weight_method == "gptq":
             from .quant.gptq_driver import quantize_weights_gptq
 
-            report.gptq = quantize_weights_gptq(parts, cfg, tokenizer, progress=progress, calib=calib_ids)
+            report.gptq = quantize_weights_gptq(parts, cfg, tokenizer, progress=progress, calib=calib_ids,
+                                                stream=stream)
         else:
-            quantize_weights_rtn(parts, cfg.quant.weight, progress=progress)
+            quantize_weights_rtn(parts, cfg.quant.weight, progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t
     set_activation_quant(parts, cfg.quant)
     model.spinquant_rotations = rotations

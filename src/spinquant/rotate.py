@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .models import ModelParts
+from .streaming import LayerStream, PerDevice, each_layer, on_device
 
 
 def rotate_in(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -91,24 +92,30 @@ def prepare(parts: ModelParts) -> None:
     fuse_norms(parts)
 
 
-def merge_r1(parts: ModelParts, r1: torch.Tensor) -> None:
-    """Rotate the residual stream: readers get W·R1, writers Rᵀ1·W, the embedding E·R1."""
-    r = r1.double()
-    update_weight(parts.embedding, lambda w: rotate_in(w, r))
-    for layer in parts.layers:
+def merge_r1(parts: ModelParts, r1: torch.Tensor, stream: LayerStream | None = None) -> None:
+    """Rotate the residual stream: readers get W·R1, writers Rᵀ1·W, the embedding E·R1.
+
+    With a stream, each layer (and the embedding, lm_head) is merged on the compute device in turn."""
+    r = PerDevice(r1.double())
+    with on_device(stream, parts.embedding):
+        update_weight(parts.embedding, lambda w: rotate_in(w, r(w)))
+    for layer in each_layer(parts, stream):
         for reader in (layer.q, layer.k, layer.v, layer.gate, layer.up):
-            update_weight(reader, lambda w: rotate_in(w, r))
+            update_weight(reader, lambda w: rotate_in(w, r(w)))
         for writer in (layer.o, layer.down):
-            update_weight(writer, lambda w: rotate_out(w, r))
-            update_weight(writer, lambda b: rotate_out(b, r), "bias")
-    update_weight(parts.lm_head, lambda w: rotate_in(w, r))
+            update_weight(writer, lambda w: rotate_out(w, r(w)))
+            update_weight(writer, lambda b: rotate_out(b, r(b)), "bias")
+    with on_device(stream, parts.lm_head):
+        update_weight(parts.lm_head, lambda w: rotate_in(w, r(w)))
 
 
-def merge_r2(parts: ModelParts, r2: list[torch.Tensor]) -> None:
+def merge_r2(parts: ModelParts, r2: list[torch.Tensor], stream: LayerStream | None = None) -> None:
     """Rotate each head's value space: v_proj output by R2, o_proj input back by R2ᵀ."""
     d = parts.head_dim
-    for layer, r in zip(parts.layers, r2, strict=True):
-        r = r.double()
-        update_weight(layer.v, lambda w, r=r: rotate_heads_out(w, r, d))
-        update_weight(layer.v, lambda b, r=r: rotate_heads_out(b, r, d), "bias")
-        update_weight(layer.o, lambda w, r=r: rotate_heads_in(w, r, d))
+    if len(r2) != len(parts.layers):
+        raise ValueError(f"{len(r2)} R2 matrices for {len(parts.layers)} layers")
+    for layer in each_layer(parts, stream):
+        r = PerDevice(r2[layer.index].double())
+        update_weight(layer.v, lambda w, r=r: rotate_heads_out(w, r(w), d))
+        update_weight(layer.v, lambda b, r=r: rotate_heads_out(b, r(b), d), "bias")
+        update_weight(layer.o, lambda w, r=r: rotate_heads_in(w, r(w), d))

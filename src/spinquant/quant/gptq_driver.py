@@ -23,8 +23,8 @@ from torch import nn
 from ..config import RunConfig
 from ..data import calibration_batches, check_calibration_differs, load_text
 from ..errors import SpinQuantError
+from ..streaming import LayerStream, resolve_device
 from .gptq import HessianAccumulator, gptq_quantize
-from .quantizer import QuantizedTensor
 
 if TYPE_CHECKING:
     from ..models import ModelParts
@@ -37,10 +37,6 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass once everything it was run for has been recorded."""
-
-
-def compute_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -230,17 +226,6 @@ def _run_layer(
             outputs[i] = out[0].to(outputs.device, outputs.dtype)
 
 
-def _qt_to(qt: QuantizedTensor, device: torch.device) -> QuantizedTensor:
-    return dataclasses.replace(
-        qt, codes=qt.codes.to(device), scale=qt.scale.to(device), zero=qt.zero.to(device)
-    )
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def quantize_weights_gptq(
     parts: ModelParts,
@@ -248,9 +233,11 @@ def quantize_weights_gptq(
     tokenizer: Any,
     progress: bool = True,
     calib: torch.Tensor | None = None,
+    stream: LayerStream | None = None,
 ) -> dict:
     """GPTQ every decoder linear of `parts`, layer by layer, in place: weight ← dequantized codes and
     `linear.quantized` ← the codes. `calib` ([samples, seq_len] token ids) overrides the calibration text.
+    Each layer visits the compute device (cfg.device) through `stream` and goes back where it lives.
 
     Returns {"seconds", "samples", "seq_len", "layers"}.
     """
@@ -264,7 +251,8 @@ def quantize_weights_gptq(
         )
     ids = _check_calib(calib if calib is not None else calibration_ids(cfg, tokenizer))
     g = cfg.gptq
-    device = compute_device()
+    stream = stream or LayerStream(resolve_device(cfg.device))
+    device = stream.device
     model = parts.model
     was_training = model.training
     model.eval()  # calibration must be deterministic (no dropout)
@@ -277,9 +265,7 @@ def quantize_weights_gptq(
         for index, layer in enumerate(
             tqdm(parts.layers, desc="GPTQ layers", disable=None if progress else True, leave=False)
         ):
-            home = _module_device(layer.module)
-            layer.module.to(device)
-            try:
+            with stream.visit(layer) as home:
                 linears = layer.linears()
                 for group in GROUPS:
                     hessians = _GroupHessians({role: linears[role] for role in group}, device)
@@ -296,16 +282,12 @@ def quantize_weights_gptq(
                                 act_order=g.act_order,
                             )
                             linear.weight.data = qt.dequantize(linear.weight.dtype)
-                            linear.quantized = _qt_to(qt, home)
+                            linear.quantized = qt.to(home)
                     finally:
                         hessians.close()
                 if index + 1 < n_layers:  # the last layer's outputs feed nothing GPTQ needs
                     _run_layer(layer.module, inputs, args, kwargs, device, outputs=outputs)
                     inputs.hidden, outputs = outputs, inputs.hidden
-            finally:
-                layer.module.to(home)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
     finally:
         model.train(was_training)
     return {

@@ -6,7 +6,7 @@ activation, or one head of one token in the K/V cache. Groups split that last di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -135,6 +135,9 @@ class QuantizedTensor:
         g = to_groups(self.codes.to(dtype), self.group_size)
         out = (g - self.zero.unsqueeze(-1).to(dtype)) * self.scale.unsqueeze(-1).to(dtype)
         return out.reshape(self.codes.shape)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device), zero=self.zero.to(device))
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
