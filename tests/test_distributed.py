@@ -85,3 +85,35 @@ def make_init_r1() -> torch.Tensor:
     from spinquant.rotations import make_rotations
 
     return make_rotations("learned", 64, 16, 2, seed=0).r1.float()
+
+
+def test_torchrun_quantize_cli(tiny_dir, tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m spinquant quantize --rotation learned` works end to end: rank 0 alone
+    prints and writes, and the rotations are those of a single-process run."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from spinquant.cli import main
+
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "eval.txt").write_text(text)
+    (tmp_path / "calib.txt").write_text(text[::-1])
+    args = ["quantize", "--model", str(tiny_dir), "--eval-data", str(tmp_path / "eval.txt"), "--calib-data",
+            str(tmp_path / "calib.txt"), "--seq-len", "64", "--max-windows", "2", "--rotation", "learned",
+            "--train-steps", "2", "--train-seq-len", "32", "--train-batch", "2", "--device", "cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "spinquant", *args,
+                          "--save-rotation", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, run.stdout  # one JSON object: rank 1 printed nothing
+    assert json.loads(lines[0])["train"]["processes"] == 2
+    assert main([*args, "--save-rotation", str(tmp_path / "one.safetensors")]) == 0
+    two, one = load_file(tmp_path / "two.safetensors"), load_file(tmp_path / "one.safetensors")
+    assert two.keys() == one.keys()
+    assert max((two[k] - one[k]).abs().max().item() for k in one) <= 1e-5

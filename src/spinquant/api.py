@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from . import distributed
 from .config import QuantConfig, QuantSpec, RunConfig
 from .data import load_text, tokenize_windows
 from .errors import SpinQuantError
 from .evaluate import perplexity
 from .loading import load_model
+from .models import model_parts
 from .pipeline import quantize_model
+from .streaming import LayerStream, resolve_device
 
 console = Console(stderr=False, highlight=False)
 
@@ -41,23 +45,41 @@ def eval_windows(cfg: RunConfig, model, tokenizer) -> torch.Tensor:
     return tokenize_windows(load_text(cfg.eval.data), tokenizer, cfg.eval.seq_len, cfg.eval.max_windows)
 
 
+def model_device(cfg: RunConfig) -> str:
+    """Where the model is loaded: CPU memory with --offload (layers then visit the device), else the device."""
+    return "cpu" if cfg.offload else str(resolve_device(cfg.device))
+
+
+@contextmanager
+def evaluating(model, cfg: RunConfig):
+    """Yields the device evaluation runs on; with --offload, decoder layers visit it one at a time."""
+    if not cfg.offload:
+        yield None
+        return
+    stream = LayerStream(resolve_device(cfg.device))
+    with stream.forward(model_parts(model)):
+        yield stream.device
+
+
 def quantize(model, tokenizer, cfg: RunConfig, progress: bool = True):
     """Rotate and quantize an already-loaded model in place; returns the run report."""
     return quantize_model(model, cfg, tokenizer, progress=progress)
 
 
 def run_eval(cfg: RunConfig) -> dict:
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, device=model_device(cfg))
     windows = eval_windows(cfg, model, tokenizer)
     t = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size=cfg.eval.batch_size)
+    with evaluating(model, cfg) as device:
+        ppl = perplexity(model, windows, batch_size=cfg.eval.batch_size, device=device)
     packed = getattr(model, "spinquant_config", None)  # a checkpoint saved with quantize --output
     method = packed["quantization"]["label"] if packed else "fp"
     console.print(f"{cfg.model}  {method.upper()}  {cfg.eval.data} ppl = [bold]{ppl:.2f}[/] "
                   f"({len(windows)}×{cfg.eval.seq_len} tokens)")
     result = {"model": cfg.model, "method": method, "ppl": ppl, "windows": len(windows),
               "seq_len": cfg.eval.seq_len, "eval_seconds": time.perf_counter() - t}
-    return add_task_results(result, cfg, model, tokenizer, label=method.upper())
+    with evaluating(model, cfg):
+        return add_task_results(result, cfg, model, tokenizer, label=method.upper())
 
 
 def run_tasks(cfg: RunConfig, model, tokenizer, progress: bool = True) -> dict | None:
@@ -105,16 +127,19 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
         from .export import check_request
 
         check_request(export, cfg)  # an export that cannot work fails now, before the quantization
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, device=model_device(cfg))
     check_calibration_seq_len(model, cfg)
     windows = eval_windows(cfg, model, tokenizer) if evaluate else None
-    report = quantize(model, tokenizer, cfg)
+    report = quantize(model, tokenizer, cfg, progress=distributed.is_main())
     result = {"model": cfg.model, "method": cfg.rotation.mode, "quant": cfg.quant.label,
               "weight_method": cfg.quant.weight_method, "seconds": report.seconds}
+    if not distributed.is_main():  # torchrun: rank 0 alone evaluates, prints and writes
+        return result
     if report.train:
         result["train"] = report.train
     if windows is not None:
-        result["ppl"] = perplexity(model, windows, batch_size=cfg.eval.batch_size)
+        with evaluating(model, cfg) as device:
+            result["ppl"] = perplexity(model, windows, batch_size=cfg.eval.batch_size, device=device)
         console.print(f"{cfg.model}  {cfg.quant.label} {cfg.quant.weight_method.upper()} rotation={cfg.rotation.mode}"
                       f"  {cfg.eval.data} ppl = [bold]{result['ppl']:.2f}[/]")
     if cfg.output:
@@ -128,7 +153,8 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
 
         result["export"] = {"format": export.format, "output": str(run_export(model, tokenizer, export))}
         console.print(f"exported {export.format} to {export.output}")
-    return add_task_results(result, cfg, model, tokenizer, label=cfg.quant.label)
+    with evaluating(model, cfg):
+        return add_task_results(result, cfg, model, tokenizer, label=cfg.quant.label)
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
@@ -158,7 +184,7 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
     for out in (markdown, plot):
         if out:
             check_writable(Path(out), cfg.overwrite)  # before the comparison runs, not after
-    base, tokenizer = load_model(cfg.model)
+    base, tokenizer = load_model(cfg.model, device=model_device(cfg))
     check_calibration_seq_len(base, cfg, tuple(methods))
     windows = eval_windows(cfg, base, tokenizer)
     rows = []
@@ -169,11 +195,13 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
         if method != "fp":
             quantize(model, tokenizer, mcfg)
         seconds = time.perf_counter() - t
-        ppl = perplexity(model, windows, batch_size=cfg.eval.batch_size)
+        with evaluating(model, cfg) as device:
+            ppl = perplexity(model, windows, batch_size=cfg.eval.batch_size, device=device)
         rows.append({"method": method, "quant": "FP" if method == "fp" else mcfg.quant.label,
                      "weights": "-" if method == "fp" else mcfg.quant.weight_method,
                      "ppl": ppl, "quantize_seconds": seconds})
-        tasks = run_tasks(cfg, model, tokenizer)
+        with evaluating(model, cfg):
+            tasks = run_tasks(cfg, model, tokenizer)
         if tasks is not None:
             rows[-1]["tasks"] = tasks
         del model

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
-from . import api
+from . import api, distributed
 from .config import TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
 from .data import check_calibration_differs
 from .errors import SpinQuantError
@@ -43,6 +43,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"HF folder, hub id, .gguf file or built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--device", default="auto", help="compute device: auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model in CPU memory and move one decoder layer at a time to --device "
+                        "(merge, weights, evaluation; for models bigger than the device)")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +131,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     """Flags → RunConfig (validated)."""
-    cfg = RunConfig(model=a.model, seed=a.seed)
+    cfg = RunConfig(model=a.model, seed=a.seed, device=getattr(a, "device", "auto"),
+                    offload=getattr(a, "offload", False))
     cfg.eval = replace(cfg.eval, data=a.eval_data, seq_len=a.seq_len, max_windows=a.max_windows)
     if getattr(a, "tasks", None):
         from .lm_eval_bridge import check_tasks, parse_tasks
@@ -232,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if distributed.launched() and args.command != "quantize":
+            raise SpinQuantError(f"only 'quantize' runs under torchrun (it trains rotations on every process); "
+                                 f"run '{args.command}' as a single process")
         cfg = config_from_args(args)
         result = COMMANDS[args.command](cfg, args)
     except SpinQuantError as e:
@@ -240,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spinquant: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    finally:
+        distributed.shutdown()
+    if args.json and distributed.is_main():
         print(json.dumps(result, default=str))
     return 0
 
