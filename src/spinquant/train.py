@@ -59,7 +59,8 @@ class RotatedLinear(nn.Module):
 
     def rotated(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.inner.weight, self.inner.bias
-        r1, r2, d = self.rot.r1, self.rot.r2[self.layer], self.head_dim
+        # In the weight's dtype: a bf16 model rotates in bf16 (as autocast would), float32 ones are unchanged.
+        r1, r2, d = self.rot.r1.to(w.dtype), self.rot.r2[self.layer].to(w.dtype), self.head_dim
         if self.role in ("q", "k", "gate", "up"):
             w = rotate_in(w, r1)
         elif self.role == "v":
