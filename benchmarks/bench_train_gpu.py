@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.tiny:
         a.device = "cpu" if a.device == "auto" else a.device
         a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab = 2, 128, 384, 4, 2, 512
-        a.batch, a.seq_len, a.steps = 2, 32, 2
+        a.batch, a.seq_len = 2, 32
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
