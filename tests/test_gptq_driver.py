@@ -176,7 +176,7 @@ def test_calibrating_on_the_evaluation_text_is_refused() -> None:
     cfg = gptq_config()
     cfg.gptq.calib_data = cfg.eval.data
     _, parts = rotated("llama", cfg)
-    with pytest.raises(SpinQuantError, match="evaluation text"):
+    with pytest.raises(SpinQuantError, match="GPTQ calibration data and evaluation data are"):
         quantize_weights_gptq(parts, cfg, CharTokenizer(), progress=False)
 
 
