@@ -84,9 +84,9 @@ class RotatedLinear(nn.Module):
             self.clip_ratio = search_clip_ratio(w, spec.bits, spec.symmetric, grid=grid)
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.quantize:  # float teacher: the rotations cancel, so skip building W·R altogether
+            return self.inner.weight, self.inner.bias
         w, b = self.rotated()
-        if not self.quantize:
-            return w, b
         return fake_quantize_weight(w, self.weight_spec, self.clip_ratio), b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +113,12 @@ class _Installed:
             for role, linear in layer.linears().items():
                 layer.set(role, RotatedLinear(linear, role, rot, layer.index, parts.head_dim, weight_spec))
                 self.swaps.append((layer, role, linear))
+        self.rotating = True  # off for the float teacher, whose rotations all cancel
         self.hooks = [
-            parts.embedding.register_forward_hook(lambda m, i, out: out @ rot.r1.to(out.dtype)),
-            parts.lm_head.register_forward_pre_hook(lambda m, args: (args[0] @ rot.r1.T.to(args[0].dtype),)),
+            parts.embedding.register_forward_hook(
+                lambda m, i, out: out @ rot.r1.to(out.dtype) if self.rotating else None),
+            parts.lm_head.register_forward_pre_hook(
+                lambda m, args: (args[0] @ rot.r1.T.to(args[0].dtype),) if self.rotating else None),
         ]
 
     def wrappers(self) -> list[RotatedLinear]:
@@ -140,7 +143,8 @@ class _Installed:
 
     @contextmanager
     def float_forward(self):
-        """No quantizer anywhere: the network computes the original float function (rotations cancel)."""
+        """No quantizer anywhere and no R1/R2 (they would cancel): the original float function, computed
+        without building any W·R product."""
         act = [q for layer in self.parts.layers for q in _act_quantizers(layer)]
         specs = [q.spec for q in act]
         wrappers = self.wrappers()
@@ -149,12 +153,14 @@ class _Installed:
                 q.spec = QuantSpec(bits=16)
             for w in wrappers:
                 w.quantize = False
+            self.rotating = False
             yield
         finally:
             for q, spec in zip(act, specs):
                 q.spec = spec
             for w in wrappers:
                 w.quantize = True
+            self.rotating = True
 
     def remove(self) -> None:
         for layer, role, linear in self.swaps:
