@@ -65,6 +65,12 @@ def test_learned_rotation_via_cli_saves_and_reuses(tiny_dir, files, capsys, tmp_
                               "--rotation-file", str(rot), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["ppl"] == pytest.approx(first["ppl"], rel=1e-4)
+    # compare takes the saved file as its learned row, next to rows that must ignore it
+    code, out, err = run_cli(["compare", "--model", str(tiny_dir), *small(files), "--methods", "hadamard,learned",
+                              "--rotation-file", str(rot), "--json"], capsys)
+    assert code == 0, err
+    rows = {r["method"]: r["ppl"] for r in json.loads(out.strip().splitlines()[-1])["rows"]}
+    assert rows["learned"] == pytest.approx(first["ppl"], rel=1e-4) and rows["hadamard"] != rows["learned"]
 
 
 @pytest.fixture(scope="module")

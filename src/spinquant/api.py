@@ -162,12 +162,13 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     if method == "fp":
         off = QuantSpec(bits=16)
         return replace(cfg, quant=QuantConfig(weight=off, act=off, key=off, value=off),
-                       rotation=replace(cfg.rotation, mode="none", save_file=None))
+                       rotation=replace(cfg.rotation, mode="none", save_file=None, rotation_file=None))
     if method == "rtn":
-        return replace(cfg, rotation=replace(cfg.rotation, mode="none", save_file=None))
-    if method in ("hadamard", "random", "learned"):
-        return replace(cfg, rotation=replace(cfg.rotation, mode=method,
-                                             save_file=cfg.rotation.save_file if method == "learned" else None))
+        return replace(cfg, rotation=replace(cfg.rotation, mode="none", save_file=None, rotation_file=None))
+    if method in ("hadamard", "random"):
+        return replace(cfg, rotation=replace(cfg.rotation, mode=method, save_file=None, rotation_file=None))
+    if method == "learned":
+        return replace(cfg, rotation=replace(cfg.rotation, mode=method))
     raise SpinQuantError(f"unknown method {method!r}; use fp, rtn, hadamard, random or learned")
 
 

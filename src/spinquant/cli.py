@@ -149,7 +149,9 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         value=QuantSpec(a.v_bits or a.kv_bits, symmetric=False, clip_ratio=a.kv_clip),
         weight_method=a.weight_quant,
     )
-    cfg.rotation = replace(cfg.rotation, mode=a.rotation, r3=not a.no_r3, r4=not a.no_r4,
+    # compare picks each row's rotation from --methods; a --rotation-file there is the learned row's.
+    mode = "learned" if getattr(a, "methods", None) and a.rotation_file else a.rotation
+    cfg.rotation = replace(cfg.rotation, mode=mode, r3=not a.no_r3, r4=not a.no_r4,
                            rotation_file=a.rotation_file, save_file=a.save_rotation)
     preset = dict(TRAIN_PRESETS[a.train_preset])
     for key, flag in (("steps", a.train_steps), ("seq_len", a.train_seq_len), ("batch", a.train_batch), ("lr", a.lr)):
