@@ -134,6 +134,7 @@ def run(a) -> dict:
     cfg.quant = QuantConfig(weight_method=a.weight_quant)  # W4A4KV4
     cfg.train.batch, cfg.train.seq_len, cfg.train.loss = a.batch, a.seq_len, a.loss
     cfg.train.steps = a.recipe_steps
+    cfg.train.for_gptq = a.weight_quant == "gptq"  # the paper's W16 mode, as --weight-quant's help says
     for p in model.parameters():
         p.requires_grad_(False)
     set_activation_quant(parts, cfg.quant)
