@@ -17,8 +17,12 @@ import argparse
 import gc
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared shape helper
+from llama_shape import add_shape_args, llama_config
 
 
 def pick_device(name: str) -> torch.device:
@@ -41,15 +45,6 @@ def timeit(fn, device: torch.device, repeats: int) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - t) / repeats
-
-
-def llama_config(a):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                       num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab,
-                       max_position_embeddings=max(8192, a.prefill + a.decode + 8), tie_word_embeddings=False,
-                       rope_theta=500000.0)
 
 
 def random_packed_tensors(config, w_bits: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -193,12 +188,7 @@ def bench_and_free(name: str, config, device: torch.device, a) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
+    add_shape_args(p)
     p.add_argument("--prefill", type=int, default=2048, help="prompt tokens (batch 1)")
     p.add_argument("--decode", type=int, default=64, help="decode steps timed (batch 1)")
     p.add_argument("--repeats", type=int, default=5)
@@ -211,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = pick_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
-    config = llama_config(a)
+    config = llama_config(a, a.prefill + a.decode + 8)
 
     from rich.console import Console
     from rich.table import Table

@@ -57,8 +57,10 @@ class RotatedLinear(nn.Module):
         self.clip_ratio: torch.Tensor | None = None  # per-row range shrink from the last clip search
         object.__setattr__(self, "rot", rot)  # shared, not a child: keeps it out of this module's params
 
-    def rotated(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def rotated(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.inner.weight, self.inner.bias
+        if dtype is not None:  # e.g. float64, to time the reference code's way (benchmarks/bench_train.py)
+            w, b = w.to(dtype), None if b is None else b.to(dtype)
         # In the weight's dtype: a bf16 model rotates in bf16 (as autocast would), float32 ones are unchanged.
         r1, r2, d = self.rot.r1.to(w.dtype), self.rot.r2[self.layer].to(w.dtype), self.head_dim
         if self.role in ("q", "k", "gate", "up"):
