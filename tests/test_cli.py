@@ -149,3 +149,20 @@ def test_atomic_output_has_normal_permissions_and_no_leftovers(tmp_path):
         tmp.write_text("partial")
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_tables_flag_sets_embedding_storage(tiny_dir, files, capsys, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    out_dir = tmp_path / "q"
+    code, _, err = run_cli(["quantize", "--model", str(tiny_dir), *small(files), "--output", str(out_dir),
+                            "--tables", "float16"], capsys)
+    assert code == 0, err
+    section = json.loads((out_dir / "config.json").read_text())["spinquant"]
+    assert section["embedding"] == "float16"
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as f:
+        tables = [k for k in f.keys() if "embed" in k or "lm_head" in k]
+        assert tables and all(f.get_tensor(k).dtype in (torch.float16, torch.float32) for k in tables)
+        assert any(f.get_tensor(k).dtype == torch.float16 for k in tables)
+        assert not any(k.endswith(".qweight") for k in tables)

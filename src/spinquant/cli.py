@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 
 from . import api, distributed
-from .config import TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
+from .config import TABLE_DTYPES, TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
 from .data import check_calibration_differs
 from .errors import SpinQuantError
 from .loading import DEFAULT_MODEL
@@ -129,6 +129,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--output", help="save the quantized model to this folder")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    o.add_argument("--tables", choices=TABLE_DTYPES, default="int8",
+                   help="how --output stores the embedding and lm_head (a tied model keeps one table)")
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -162,7 +164,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                         **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
                        act_order=a.gptq_act_order)
-    cfg.output, cfg.overwrite = a.output, a.overwrite
+    cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()
     _check_side_outputs(cfg)

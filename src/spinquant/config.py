@@ -8,6 +8,7 @@ from typing import Literal
 from .errors import SpinQuantError
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+TABLE_DTYPES = ("int8", "float16", "bfloat16", "float32")  # how a saved model stores embedding and lm_head
 RotationMode = Literal["none", "hadamard", "random", "learned"]
 WeightMethod = Literal["rtn", "gptq"]
 
@@ -178,6 +179,7 @@ class RunConfig:
     offload: bool = False  # keep the model in CPU memory; decoder layers visit `device` one at a time
     output: str | None = None
     overwrite: bool = False
+    tables: str = "int8"  # saved embedding / lm_head storage: int8 (per row), float16, bfloat16 or float32
 
     def validate(self) -> RunConfig:
         if self.device != "auto":
@@ -187,6 +189,8 @@ class RunConfig:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
                 raise SpinQuantError(f"device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N") from None
+        if self.tables not in TABLE_DTYPES:
+            raise SpinQuantError(f"tables {self.tables!r} is unknown; use one of {', '.join(TABLE_DTYPES)}")
         self.quant.validate()
         self.rotation.validate()
         self.train.validate()

@@ -102,7 +102,8 @@ def tied_transform(embedding: torch.Tensor, lm_head: torch.Tensor, tol: float = 
 
 
 def resolve_head_storage(model, embedding: str, lm_head: str) -> tuple[str, torch.Tensor | None]:
-    """("tied", M) when lm_head can share the embedding table, else (storage, None). "auto" prefers tied."""
+    """("tied", M) when lm_head can share the embedding table, else (storage, None). "auto" prefers tied,
+    else stores lm_head like the embedding."""
     for what, storage, allowed in (("embedding", embedding, TABLE_STORAGE),
                                    ("lm_head", lm_head, (*TABLE_STORAGE, "tied", "auto"))):
         if storage not in allowed:
@@ -116,7 +117,7 @@ def resolve_head_storage(model, embedding: str, lm_head: str) -> tuple[str, torc
     if lm_head == "tied":
         raise SpinQuantError("lm_head is not the embedding times a hidden x hidden matrix (the model was not "
                              "tied); save with lm_head='int8' instead")
-    return "int8", None
+    return embedding, None
 
 
 def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
