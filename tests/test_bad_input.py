@@ -186,6 +186,7 @@ CASES = {
         lambda c: c.quantize("--calib-data", "wikitext2", "--eval-data", "wikitext2"), "evaluation"),
     # models
     "missing model path": Case(lambda c: c.quantize(model=c.inp / "no_such_model"), "not found"),
+    "unknown model name": Case(lambda c: c.quantize(model="no-such-model"), "not found"),
     "folder without config.json": Case(lambda c: c.quantize(model=c.inp / "not_a_model"), "config.json"),
     "unsupported architecture (gpt2)": Case(lambda c: c.quantize(model=c.inp / "gpt2"), "'gpt2' is not supported",
                                             sub=True),
