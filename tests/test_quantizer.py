@@ -83,3 +83,38 @@ def test_invalid_bits_are_refused_with_the_fix():
     for bits in (0, 1, 9, 17):
         with pytest.raises(SpinQuantError, match="use 2-8, or 16"):
             QuantSpec(bits).validate("weight")
+
+
+@pytest.mark.parametrize("w_bits,a_bits,a_sym", [(4, 4, False), (4, 8, False), (8, 8, True), (8, 8, False)])
+def test_integer_order_linear_is_the_fake_quant_product(w_bits, a_bits, a_sym):
+    from spinquant.quant.quantizer import integer_order_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 7, 96, generator=gen), torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
+    act = QuantSpec(a_bits, symmetric=a_sym, clip_ratio=0.9)
+    qw = quantize_weight(w, QuantSpec(w_bits, symmetric=w_bits == 8, clip_search=True))
+    ref = torch.nn.functional.linear(fake_quantize(x, act), qw.dequantize(), b)
+    out = integer_order_linear(x, act, qw, b)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Layouts it does not cover say so (the caller then fake-quantizes in float).
+    assert integer_order_linear(x, QuantSpec(16), qw) is None
+    assert integer_order_linear(x, QuantSpec(4, group_size=32), qw) is None
+    assert integer_order_linear(x.bfloat16(), act, qw) is None
+
+
+def test_integer_order_linear_sums_exactly_past_float32_integers():
+    from spinquant.quant.quantizer import QuantizedTensor, integer_order_linear
+
+    # 8-bit codes over k = 4096: sums reach 2^26, past float32's exact integers; float64 keeps them exact.
+    k = 4096
+    codes = torch.full((2, k), 127, dtype=torch.int8)
+    codes[1, ::2] = -128
+    qw = QuantizedTensor(codes, torch.ones(2), torch.zeros(2), 8, True, None)
+    x = torch.full((1, k), 127.0)
+    x[0, 0] = 126.0  # an odd total: a float32 sum would round it
+    y = integer_order_linear(x, QuantSpec(8, symmetric=True), qw)
+    expected = [126 * 127 + (k - 1) * 127 * 127, 126 * -128 + 127 * (127 * (k // 2) - 128 * (k // 2 - 1))]
+    # Scale 1 per token and per row (amax 127 / qmax 127): the output is the exact integer sum, rounded once
+    # to float32, as the int32 → float32 conversion of the integer kernel rounds it.
+    assert torch.equal(y[0], torch.tensor(expected, dtype=torch.float64).float())

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantSpec
-from .hadamard import OnlineHadamard, fast_hadamard_transform
-from .quant.quantizer import QuantizedTensor, fake_quantize
+from .hadamard import OnlineHadamard, online_hadamard
+from .quant.quantizer import QuantizedTensor, fake_quantize, integer_order_linear
 
 ATTN_IMPLEMENTATION = "spinquant"
 __all__ = ["ActQuantizer", "KVQuant", "OnlineHadamard", "QuantLinear", "use_spinquant_attention"]
@@ -54,6 +54,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias=None) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
+        if weight is None and self.quantized is not None and not torch.is_grad_enabled():
+            # Evaluation: the same product in the integer kernels' order, so the saved model matches it.
+            y = integer_order_linear(x, self.act_quant.spec, self.quantized, self.bias)
+            if y is not None:
+                return y
         x = self.act_quant(x)
         return F.linear(x, self.weight if weight is None else weight, self.bias if bias is None else bias)
 
@@ -74,8 +79,8 @@ class KVQuant(nn.Module):
 
     def forward(self, q, k, v):
         if self.rotate_qk:  # cancels in Q·Kᵀ, spreads K's outlier channels before the cache is quantized
-            q = fast_hadamard_transform(q)
-            k = fast_hadamard_transform(k)
+            q = online_hadamard(q)
+            k = online_hadamard(k)
         return q, self.key_quant(k), self.value_quant(v)
 
     def extra_repr(self) -> str:

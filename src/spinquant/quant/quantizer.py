@@ -43,7 +43,7 @@ def compute_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per slice of the last dim (keepdim). Computed without gradient."""
     x = x.detach()
-    qmin, qmax = qrange(bits, symmetric)
+    _, qmax = qrange(bits, symmetric)
     if symmetric:
         amax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
         scale = amax / qmax
@@ -75,6 +75,37 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     g = to_groups(x, spec.group_size)
     scale, zero = compute_qparams(g, spec.bits, spec.symmetric, spec.clip_ratio)
     return fake_quant(g, scale, zero, spec.bits, spec.symmetric).reshape(x.shape)
+
+
+def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [..., n] → (codes as floats, scale, zero or None), per slice of the last dim.
+
+    The same float operations as `compute_qparams` + `quantize_codes` (so the codes match the fake
+    quantizer exactly: `round_ste(x)` equals `round(x)` in value), with fewer kernel launches: one
+    aminmax instead of two reductions, in-place updates where the fake path allocates.
+    """
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
+    clip = spec.clip_ratio
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    if spec.symmetric:
+        amax = torch.maximum(lo.neg_(), hi)  # = |x|.amax
+        if clip != 1.0:
+            amax = amax * clip
+        scale = (amax / qmax).clamp_(min=_scale_floor(x))
+        return torch.round(x / scale).clamp_(qmin, qmax), scale, None
+    # The grid must contain 0: min clamped to ≤ 0, max to ≥ 0 (as compute_qparams does).
+    lo, hi = lo.clamp_(max=0), hi.clamp_(min=0)
+    if clip != 1.0:
+        lo, hi = lo * clip, hi * clip
+    scale = (hi - lo) / qmax
+    zero = torch.round(lo.neg_() / scale.clamp(min=torch.finfo(scale.dtype).tiny))
+    scale.clamp_(min=_scale_floor(x))
+    q = torch.round(x / scale)
+    return q.add_(zero).clamp_(qmin, qmax), scale, zero
+
+
+def _scale_floor(x: torch.Tensor) -> float:
+    return 1e-8 if x.dtype != torch.float16 else 1e-5
 
 
 def search_clip_ratio(
@@ -169,3 +200,33 @@ def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Ten
     else:
         scale, zero = weight_qparams(g, spec)
     return fake_quant(g, scale, zero, spec.bits, spec.symmetric).reshape(w.shape)
+
+
+def integer_order_linear(x: torch.Tensor, act: QuantSpec, w: QuantizedTensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Q(x) · Q(W)ᵀ (+ b) with integer codes multiplied first and the scales applied after, the order of
+    the runtime's int8 kernels; None where this layout is not covered (groups, float activations).
+
+    The value is the fake-quant product's; only the float rounding differs, and that matters: at W4A4 a
+    1e-7 relative change moves a small model's perplexity by percents (benchmarks/RESULTS.md), so the
+    in-memory model evaluates in this order to report what the saved model computes. The code products are
+    summed exactly: in float32 while every sum stays below 2^24, else in float64.
+    """
+    k = x.shape[-1]
+    if (not act.enabled or act.group_size not in (None, k) or w.group_size not in (None, k)
+            or x.dtype != torch.float32):
+        return None
+    q, sx, zx = quantize_activation(x.reshape(-1, k), act)
+    if zx is not None:
+        q = q.sub_(zx)
+    wq = w.codes.to(device=x.device, dtype=torch.float32)  # codes may live on the CPU (--offload)
+    if not w.symmetric:
+        wq = wq.sub_(w.zero.reshape(-1, 1).to(device=x.device, dtype=torch.float32))
+    x_max = 2**act.bits - 1 if not act.symmetric else 2 ** (act.bits - 1)
+    w_max = 2**w.bits - 1 if not w.symmetric else 2 ** (w.bits - 1)
+    exact = torch.float32 if k * x_max * w_max < 2**24 else torch.float64
+    acc = (q.to(exact) @ wq.to(exact).T).to(torch.float32)
+    y = acc.mul_(sx).mul_(w.scale.reshape(-1).to(device=x.device, dtype=torch.float32))
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], -1)

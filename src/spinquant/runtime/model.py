@@ -15,9 +15,9 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..errors import SpinQuantError
+from ..hadamard import online_hadamard as hadamard
 from ..models import model_parts
 from ..models.base import get_module, set_module
-from .kernels import hadamard
 from .kvcache import QuantKVCache
 from .modules import FloatLinear, FusedInput, Int8Embedding, IntLinear, WeightOnlyLinear
 from .packing import unpack_codes

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
-from ..quant.quantizer import fake_quantize
-from .kernels import centered_codes, hadamard, int8_matmul, quantize_activation
+from ..hadamard import online_hadamard as hadamard
+from ..quant.quantizer import fake_quantize, quantize_activation
+from .kernels import centered_codes, int8_matmul
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None,
