@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
@@ -64,7 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-checkpointing", action="store_true", help="keep all activations (more memory)")
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="recompute only every N-th layer (less recompute, more memory)")
-    p.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="bf16 dense peak for MFU")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"dense peak for MFU (default on CUDA: {H200_BF16_TFLOPS:.0f}, the H100/H200 bf16 peak)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the last timed step of each variant and print its most expensive ops")
     p.add_argument("--recipe-steps", type=int, default=100)
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     a = p.parse_args(argv)
@@ -85,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.batch, a.seq_len = a.batch or 8, a.seq_len or 2048
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.peak_tflops is None and a.device.startswith("cuda"):
+        a.peak_tflops = H200_BF16_TFLOPS
     return a
 
 
@@ -208,18 +214,25 @@ def run_variant(a, variant: str, device: torch.device, calib: torch.Tensor) -> d
     cfg.train.clip_every = 10**9  # no refresh inside the timed steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    for step in range(a.warmup + a.steps):
+    times, losses, profile = [], [], None
+    n_steps = a.warmup + a.steps
+    for step in range(n_steps):
+        profiling = a.profile and step == n_steps - 1
+        profiler = torch.profiler.profile() if profiling else nullcontext()
         sync(device)
         t = time.perf_counter()
-        if variant == "plain":
-            losses.append(plain_step(step))
-        else:
-            losses.append(_train_step(model, installed, rot, optimizer, calib, step, cfg.train, wspec, use_bf16,
-                                      device))
-            scheduler.step()
-        sync(device)
+        with profiler:
+            if variant == "plain":
+                losses.append(plain_step(step))
+            else:
+                losses.append(_train_step(model, installed, rot, optimizer, calib, step, cfg.train, wspec,
+                                          use_bf16, device))
+                scheduler.step()
+            sync(device)
         times.append(time.perf_counter() - t)
+        if profiling:
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            profile = profiler.key_averages().table(sort_by=key, row_limit=15)
     installed.remove()
 
     step_s = sum(times[a.warmup:]) / a.steps
@@ -233,10 +246,10 @@ def run_variant(a, variant: str, device: torch.device, calib: torch.Tensor) -> d
         "loss": "ce (float)" if variant == "plain" else a.loss,
         "trained_weight_bits": 16 if variant == "plain" else wspec.bits,
         "build_s": build_s, "clip_search_s": clip_s, "step_s": step_s, "step_times_s": times,
-        "tokens_per_s": tokens / step_s, "tflops": tflops, "mfu": tflops / a.peak_tflops,
+        "tokens_per_s": tokens / step_s, "tflops": tflops, "mfu": tflops / a.peak_tflops if a.peak_tflops else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "recipe_minutes": (a.recipe_steps * step_s + refreshes * clip_s) / 60,
-        "losses": losses,
+        "losses": losses, "profile": profile,
     }
 
 
@@ -283,13 +296,16 @@ def print_table(r: dict, peak: float) -> None:
             x["variant"], f"{x['loss']}, W{x['trained_weight_bits']}", f"{x['step_s']:.3f}",
             ", ".join(f"{t:.2f}" for t in x["step_times_s"]),
             "-" if plain is None else f"{x['step_s'] / plain:.2f}×", f"{x['tokens_per_s']:.0f}",
-            f"{x['tflops']:.4g}", f"{100 * x['mfu']:.3g} % of {peak:.0f}",
+            f"{x['tflops']:.4g}", "-" if x["mfu"] is None else f"{100 * x['mfu']:.3g} % of {peak:.0f}",
             "-" if x["peak_memory_gb"] is None else f"{x['peak_memory_gb']:.1f}",
             "-" if x["variant"] == "plain" else f"{x['clip_search_s']:.2f}",
             "-" if x["variant"] == "plain" else f"{x['recipe_minutes']:.1f} min")
     Console(width=200).print(table)
     for x in r["rows"]:
         print(f"losses ({x['variant']}): {', '.join(f'{v:.4f}' for v in x['losses'])}")
+    for x in r["rows"]:
+        if x["profile"]:
+            print(f"\nprofile of the last step ({x['variant']}):\n{x['profile']}")
 
 
 def main(argv=None) -> int:

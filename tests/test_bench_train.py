@@ -25,5 +25,6 @@ def test_bench_train_script_runs_tiny_on_cpu(one_thread, capsys):
     # Rebuilding W·R in float64 changes the cost, not the step: same batches, (nearly) the same losses.
     assert all(abs(x - y) < 1e-2 * abs(y) + 1e-4 for x, y in zip(f64["losses"], ours["losses"]))
     assert plain["losses"][0] > 10 * ours["losses"][0]  # next-token CE of the float net vs KL to it
-    assert bench.main(["--tiny", "--steps", "1"]) == 0
-    assert "100-step recipe" in capsys.readouterr().out
+    assert bench.main(["--tiny", "--steps", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "100-step recipe" in out and "profile of the last step (ours)" in out
