@@ -82,6 +82,11 @@ def inputs(tmp_path_factory, tiny_dir):
     data = bytearray(weights.read_bytes())
     data[len(data) * 3 // 4] ^= 0x40
     (tampered / "model.safetensors").write_bytes(bytes(data))
+    edited = d / "edited_config"  # config.json changed by hand: 4-bit codes would be read as 8-bit ones
+    shutil.copytree(saved, edited)
+    config = json.loads((saved / "config.json").read_text())
+    config["spinquant"]["quantization"]["weight"]["bits"] = 8
+    (edited / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return d
 
 
@@ -212,6 +217,9 @@ CASES = {
     "truncated checkpoint (export)": Case(lambda c: c.export("truncated"), "sha256"),
     "tampered checkpoint (generate)": Case(lambda c: ["generate", str(c.inp / "tampered"), "hi"], "sha256", sub=True),
     "tampered checkpoint (export)": Case(lambda c: c.export("tampered"), "sha256"),
+    "edited config.json (eval)": Case(lambda c: ["eval", str(c.inp / "edited_config"), "--eval-data",
+                                                 str(c.inp / "eval.txt"), "--seq-len", "64"], "config.json"),
+    "edited config.json (export)": Case(lambda c: c.export("edited_config"), "config.json"),
     # outputs
     "read-only output location": Case(lambda c: c.quantize(), "output folder", setup=_read_only),
     "output exists, no --overwrite": Case(lambda c: c.quantize(), "--overwrite", setup=_existing_output),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spinquant.cli import main
-from spinquant.runtime.checkpoint import sha256_file
+from spinquant.runtime.checkpoint import config_digest, sha256_file
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -61,6 +61,7 @@ def _saved_model_with_pickle(ctx, sentinel):
     write_zip(folder / "model.safetensors", sentinel)
     config = json.loads((folder / "config.json").read_text())
     config["spinquant"]["files"]["model.safetensors"] = sha256_file(folder / "model.safetensors")
+    config["spinquant"]["config_sha256"] = config_digest(config)
     (folder / "config.json").write_text(json.dumps(config))
     return ["eval", str(folder), "--eval-data", str(ctx["inp"] / "eval.txt"), "--seq-len", "64"]
 

@@ -174,7 +174,7 @@ def source_from_checkpoint(path: str | Path) -> ExportSource:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..runtime.checkpoint import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, spec_from_dict, verify_files
+    from ..runtime.checkpoint import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, spec_from_dict, verify_checkpoint
     from ..runtime.packing import unpack_codes
 
     path = Path(path)
@@ -190,7 +190,7 @@ def source_from_checkpoint(path: str | Path) -> ExportSource:
     if int(section.get("format_version", 0)) > FORMAT_VERSION:
         raise SpinQuantError(f"{path} has checkpoint format v{section.get('format_version')}; this spinquant "
                              f"reads v{FORMAT_VERSION}: upgrade spinquant")
-    verify_files(path, section.get("files", {}))
+    verify_checkpoint(path, data, section)
     tensors = load_file(str(path / WEIGHTS_FILE))
     q = section["quantization"]
     weight, act, key, value = (spec_from_dict(q[k]) for k in ("weight", "act", "key", "value"))

@@ -4,7 +4,7 @@ Layout of DIR (nothing in it is ever unpickled):
     config.json         the transformers config (untied) plus a "spinquant" section: format version, the
                         quantization specs (weights, activations, K, V), rotations (R1/R2 merged, online
                         Hadamard sizes for R3 and R4), how embedding / lm_head are stored, the full
-                        RunConfig, and the sha256 of every other file
+                        RunConfig, the sha256 of every other file and of config.json itself
     model.safetensors   per decoder linear `<path>.qweight` (uint8: codes - qmin, two 4-bit codes per byte,
                         low nibble first; one byte per code above 4 bits), `<path>.scale` (float32, [out] or
                         [out, groups]), `<path>.zero` (uint8, asymmetric weights only), `<path>.bias`;
@@ -210,6 +210,7 @@ def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path,
         files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "config.json")
         section["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
         config["spinquant"] = section
+        section["config_sha256"] = config_digest(config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     return out_dir
 
@@ -232,6 +233,25 @@ def read_section(path: str | Path) -> dict | None:
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
     return read_section(path) is not None
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of config.json's content (canonical JSON), leaving out the digest itself."""
+    section = {k: v for k, v in config.get("spinquant", {}).items() if k != "config_sha256"}
+    canonical = json.dumps({**config, "spinquant": section}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def verify_checkpoint(path: Path, config: dict, section: dict) -> None:
+    """Refuse a checkpoint whose config.json or other files are missing, truncated or modified.
+
+    config: config.json without its "spinquant" section; section: that section. Checkpoints written before
+    config.json carried a digest are checked on their other files only."""
+    digest = section.get("config_sha256")
+    if digest is not None and config_digest({**config, "spinquant": section}) != digest:
+        raise SpinQuantError(f"{path / 'config.json'} does not match its recorded sha256 (edited or corrupted); "
+                             "re-save the model (spinquant quantize --output ... --overwrite)")
+    verify_files(path, section.get("files", {}))
 
 
 def verify_files(path: Path, files: dict[str, str]) -> None:
@@ -266,7 +286,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     if weight_only not in ("cached", "otf", "int4pack"):
         raise SpinQuantError(f"weight-only mode {weight_only!r} is unknown; use cached, otf or int4pack")
     if verify:
-        verify_files(path, section.get("files", {}))
+        verify_checkpoint(path, data, section)
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
