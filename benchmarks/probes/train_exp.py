@@ -7,6 +7,13 @@ from spinquant.evaluate import perplexity
 from spinquant.config import RunConfig
 from spinquant.pipeline import quantize_model
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+if os.environ.get("PURE_STE"):  # the reference code's STE: identity gradient even where the clamp clips
+    import spinquant.quant.quantizer as qz
+    def _pure(x, scale, zero, bits, symmetric):
+        qmin, qmax = qz.qrange(bits, symmetric)
+        y = x / scale + zero
+        return y + (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - y).detach()
+    qz.quantize_codes = _pure
 steps, batch, seqlen, lr, loss, fg = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6] == "1"
 tag = sys.argv[7] if len(sys.argv) > 7 else ""
 nwin = int(os.environ.get("NWIN", "4"))
