@@ -164,7 +164,14 @@ def run_variant(a, variant: str, device: torch.device, calib: torch.Tensor) -> d
     from spinquant.pipeline import install_modules, set_activation_quant
     from spinquant.rotate import prepare
     from spinquant.rotations import make_rotations
-    from spinquant.train import RotationParams, _Installed, _train_step, next_token_loss, training_weight_spec
+    from spinquant.train import (
+        RotationParams,
+        _Installed,
+        _train_step,
+        next_token_loss,
+        training_act_ste,
+        training_weight_spec,
+    )
 
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -185,7 +192,7 @@ def run_variant(a, variant: str, device: torch.device, calib: torch.Tensor) -> d
     set_activation_quant(parts, cfg.quant)
     rot = RotationParams(make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers))).to(device)
     wspec = training_weight_spec(cfg)
-    installed = _Installed(parts, rot, wspec)
+    installed = _Installed(parts, rot, wspec, act_ste=training_act_ste(cfg))
     if variant == "float64":
         float64_rebuild(installed)
     optimizer = CayleySGD(rot.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)

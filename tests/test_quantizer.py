@@ -79,6 +79,21 @@ def test_straight_through_gradients():
     assert torch.allclose(x.grad, torch.ones_like(x))
 
 
+def test_identity_ste_passes_gradient_where_the_grid_clips():
+    x = torch.randn(4, 64, generator=G)
+    x[:, 0] = 8.0  # an outlier per row: clip 0.5 cuts it (and others) off the grid
+    spec = QuantSpec(4, symmetric=False, clip_ratio=0.5)
+    grads, values = {}, {}
+    for ste in ("clipped", "identity"):
+        xi = x.clone().requires_grad_(True)
+        y = fake_quantize(xi, spec, ste)
+        y.sum().backward()
+        grads[ste], values[ste] = xi.grad, y.detach()
+    assert torch.equal(values["clipped"], values["identity"])  # the forward is the same, bit for bit
+    assert torch.equal(grads["identity"], torch.ones_like(x))
+    assert (grads["clipped"][:, 0] == 0).all() and (grads["clipped"] == 1).float().mean() > 0.5
+
+
 def test_invalid_bits_are_refused_with_the_fix():
     for bits in (0, 1, 9, 17):
         with pytest.raises(SpinQuantError, match="use 2-8, or 16"):

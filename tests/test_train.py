@@ -218,3 +218,23 @@ def test_resume_refuses_a_foreign_file(tmp_path):
     cfg.train.resume = str(bad)
     with pytest.raises(SpinQuantError, match="cannot resume"):
         train_rotations(parts, init, cfg, calib_ids=torch.randint(0, 96, (4, 16)), progress=False)
+
+
+def test_activation_ste_follows_the_training_mode_and_is_restored():
+    from spinquant.nn import ActQuantizer
+    from spinquant.train import training_act_ste
+
+    cfg = RunConfig()
+    assert training_act_ste(cfg) == "clipped"  # W4 in the loop
+    cfg.train.for_gptq = True
+    assert training_act_ste(cfg) == "identity"  # weights in float: outliers must send gradient
+    cfg.train.act_ste = "clipped"
+    assert training_act_ste(cfg) == "clipped"
+    _model, parts = prepared()
+    quantizers = [m for m in parts.model.modules() if isinstance(m, ActQuantizer)]
+    installed = _Installed(parts, RotationParams(make_rotations("random", parts.hidden_size, parts.head_dim,
+                                                                len(parts.layers), seed=0)).double(),
+                           OFF, act_ste="identity")
+    assert quantizers and all(q.ste == "identity" for q in quantizers)
+    installed.remove()
+    assert all(q.ste == "clipped" for q in quantizers)

@@ -111,6 +111,10 @@ class TrainConfig:
     # token than the labels); "ce": next-token cross-entropy on the labels, as in the paper.
     loss: Literal["kl", "ce"] = "kl"
     clip_every: int = 10  # RTN mode: re-run the weights' clip search on the rotated weights every N steps
+    # Gradient of the activation / KV quantizers where their grid clips: "identity" passes it through (the
+    # reference code; it keeps the for_gptq mode from diverging), "clipped" drops it; None: identity when
+    # for_gptq, else clipped (what the RTN-mode results were measured with).
+    act_ste: Literal["clipped", "identity"] | None = None
     checkpoint: str | None = None  # where to keep the training state (also written on Ctrl-C / NaN)
     checkpoint_every: int = 0
     resume: str | None = None
@@ -125,6 +129,8 @@ class TrainConfig:
             raise SpinQuantError(f"unknown training loss {self.loss!r}; use kl or ce")
         if self.clip_every <= 0:
             raise SpinQuantError(f"clip refresh interval must be positive, got {self.clip_every}")
+        if self.act_ste not in (None, "clipped", "identity"):
+            raise SpinQuantError(f"unknown straight-through estimator {self.act_ste!r}; use clipped or identity")
 
 
 PAPER_TRAIN = {"steps": 100, "batch": 8, "seq_len": 2048, "lr": 1.5}

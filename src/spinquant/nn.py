@@ -27,9 +27,10 @@ class ActQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec | None = None):
         super().__init__()
         self.spec = spec or QuantSpec()
+        self.ste = "clipped"  # the straight-through gradient rotation training sees (quant.quantizer.STE_KINDS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.spec)
+        return fake_quantize(x, self.spec, self.ste)
 
     def extra_repr(self) -> str:
         s = self.spec

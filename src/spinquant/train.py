@@ -106,8 +106,12 @@ class TrainResult:
 class _Installed:
     """Puts the training wrappers and hooks in place, and takes them all out again."""
 
-    def __init__(self, parts: ModelParts, rot: RotationParams, weight_spec: QuantSpec, gather=None):
+    def __init__(self, parts: ModelParts, rot: RotationParams, weight_spec: QuantSpec, gather=None,
+                 act_ste: str = "clipped"):
         self.parts, self.rot = parts, rot
+        self.act_ste = [(q, q.ste) for layer in parts.layers for q in _act_quantizers(layer)]
+        for q, _ in self.act_ste:
+            q.ste = act_ste
         # gather(layer module) → context in which the layer's weights are whole (FSDP shards them between steps)
         self.gather = gather or (lambda module: nullcontext())
         self.swaps: list[tuple[LayerParts, str, QuantLinear]] = []
@@ -165,6 +169,8 @@ class _Installed:
             self.rotating = True
 
     def remove(self) -> None:
+        for q, ste in self.act_ste:
+            q.ste = ste
         for layer, role, linear in self.swaps:
             layer.set(role, linear)
         for h in self.hooks:
@@ -188,6 +194,18 @@ def training_weight_spec(cfg: RunConfig) -> QuantSpec:
     if cfg.train.for_gptq or not cfg.quant.weight.enabled:
         return QuantSpec(bits=16)
     return cfg.quant.weight
+
+
+def training_act_ste(cfg: RunConfig) -> str:
+    """The activation / KV quantizers' straight-through gradient during training.
+
+    "identity" when the weights stay in float (for_gptq): with "clipped", the clipped outliers, which are what
+    the rotation must spread, send no gradient, and on SmolLM2 that mode's loss rose (0.50 → 0.77 over 20
+    steps) where "identity" kept it level (0.52 → 0.48; benchmarks/RESULTS.md, issue 4). "clipped" in the
+    default mode, whose results were measured with it."""
+    if cfg.train.act_ste is not None:
+        return cfg.train.act_ste
+    return "identity" if training_weight_spec(cfg).bits == 16 else "clipped"
 
 
 def calibration_ids(cfg: RunConfig, tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
@@ -312,7 +330,7 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
     device = ctx.device if ctx is not None else next(model.parameters()).device
     rot = RotationParams(init).to(device)
     wspec = training_weight_spec(cfg)
-    installed = _Installed(parts, rot, wspec, gather=distributed.gather_fn(ctx))
+    installed = _Installed(parts, rot, wspec, gather=distributed.gather_fn(ctx), act_ste=training_act_ste(cfg))
     optimizer = CayleySGD(rot.parameters(), lr=tc.lr, momentum=tc.momentum)
     scheduler = lr_schedule(optimizer, tc.steps, tc.schedule)
     use_bf16 = device.type == "cuda"

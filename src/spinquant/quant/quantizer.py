@@ -58,23 +58,33 @@ def compute_qparams(
     return scale, zero
 
 
-def quantize_codes(x: torch.Tensor, scale, zero, bits: int, symmetric: bool) -> torch.Tensor:
-    """Integer codes (as floats) on the grid; round has a straight-through gradient."""
+STE_KINDS = ("clipped", "identity")
+
+
+def quantize_codes(x: torch.Tensor, scale, zero, bits: int, symmetric: bool, ste: str = "clipped") -> torch.Tensor:
+    """Integer codes (as floats) on the grid, with a straight-through gradient for the rounding.
+
+    ste "clipped": values the grid clips get no gradient (the clamp's own); "identity": every value passes
+    its gradient straight through, clipped or not (the reference SpinQuant code). Same forward values.
+    """
     qmin, qmax = qrange(bits, symmetric)
+    if ste == "identity":
+        y = x / scale + zero
+        return torch.clamp(torch.round(y.detach()), qmin, qmax) + (y - y.detach())  # + exactly 0 going forward
     return torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
 
 
-def fake_quant(x: torch.Tensor, scale, zero, bits: int, symmetric: bool) -> torch.Tensor:
-    return (quantize_codes(x, scale, zero, bits, symmetric) - zero) * scale
+def fake_quant(x: torch.Tensor, scale, zero, bits: int, symmetric: bool, ste: str = "clipped") -> torch.Tensor:
+    return (quantize_codes(x, scale, zero, bits, symmetric, ste) - zero) * scale
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, ste: str = "clipped") -> torch.Tensor:
     """Dynamic quantize-dequantize with a fixed clip ratio (activations, K, V)."""
     if not spec.enabled:
         return x
     g = to_groups(x, spec.group_size)
     scale, zero = compute_qparams(g, spec.bits, spec.symmetric, spec.clip_ratio)
-    return fake_quant(g, scale, zero, spec.bits, spec.symmetric).reshape(x.shape)
+    return fake_quant(g, scale, zero, spec.bits, spec.symmetric, ste).reshape(x.shape)
 
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
