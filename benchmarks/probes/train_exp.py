@@ -22,6 +22,7 @@ wins = {"c4": tokenize_windows(load_text("c4"), tok, 2048, nwin), "wiki": tokeni
 name = f"runs/rot_{steps}_{batch}_{seqlen}_{lr}_{loss}{'_w16' if fg else ''}{tag}.safetensors"
 cfg = RunConfig(); cfg.rotation.mode = "learned"; cfg.rotation.save_file = name; cfg.overwrite = True
 cfg.train.steps, cfg.train.batch, cfg.train.seq_len, cfg.train.lr, cfg.train.loss, cfg.train.for_gptq = steps, batch, seqlen, lr, loss, fg
+if os.environ.get("ACT_STE"): cfg.train.act_ste = os.environ["ACT_STE"]
 for k in ("momentum", "clip_every"):
     if os.environ.get(k.upper()): setattr(cfg.train, k, type(getattr(cfg.train, k))(os.environ[k.upper()]))
 m = copy.deepcopy(base)
