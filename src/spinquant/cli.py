@@ -122,6 +122,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float)
     t.add_argument("--train-loss", choices=("kl", "ce"), default="kl",
                    help="kl: match the float model's next-token distribution (default); ce: the labels (paper)")
+    t.add_argument("--train-ste", choices=("identity", "clipped"), default="identity",
+                   help="gradient of the activation/KV quantizers where they clip: pass it through (default) "
+                        "or drop it")
     t.add_argument("--train-checkpoint", help="keep the training state in this file (also on Ctrl-C or NaN)")
     t.add_argument("--train-checkpoint-every", type=_positive, help="write the checkpoint every N steps")
     t.add_argument("--resume", help="continue training from this checkpoint (same model, data and seed)")
@@ -161,7 +164,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             preset[key] = flag
     cfg.train = replace(cfg.train, calib_data=a.calib_data, checkpoint=a.train_checkpoint or a.resume,
                         checkpoint_every=a.train_checkpoint_every or 0, resume=a.resume, loss=a.train_loss,
-                        **preset)
+                        act_ste=a.train_ste, **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
                        act_order=a.gptq_act_order)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables

@@ -112,9 +112,8 @@ class TrainConfig:
     loss: Literal["kl", "ce"] = "kl"
     clip_every: int = 10  # RTN mode: re-run the weights' clip search on the rotated weights every N steps
     # Gradient of the activation / KV quantizers where their grid clips: "identity" passes it through (the
-    # reference code; it keeps the for_gptq mode from diverging), "clipped" drops it; None: identity when
-    # for_gptq, else clipped (what the RTN-mode results were measured with).
-    act_ste: Literal["clipped", "identity"] | None = None
+    # reference code's choice, and better rotations here, see train.training_act_ste), "clipped" drops it.
+    act_ste: Literal["clipped", "identity"] | None = None  # None: identity
     checkpoint: str | None = None  # where to keep the training state (also written on Ctrl-C / NaN)
     checkpoint_every: int = 0
     resume: str | None = None
