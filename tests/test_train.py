@@ -236,3 +236,14 @@ def test_activation_ste_is_configurable_and_restored():
     assert quantizers and all(q.ste == "identity" for q in quantizers)
     installed.remove()
     assert all(q.ste == "clipped" for q in quantizers)
+
+
+def test_gptq_runs_train_with_float_weights_unless_told_otherwise():
+    from spinquant.train import training_weight_spec
+
+    cfg = RunConfig()
+    assert training_weight_spec(cfg).bits == 4  # RTN: the final grid in the loop
+    cfg.quant.weight_method = "gptq"
+    assert training_weight_spec(cfg).bits == 16  # GPTQ places the weights itself
+    cfg.train.for_gptq = False
+    assert training_weight_spec(cfg).bits == 4

@@ -106,7 +106,7 @@ class TrainConfig:
     momentum: float = 0.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
-    for_gptq: bool = False  # True: the paper's GPTQ mode, weights in float during training (see train.py)
+    for_gptq: bool | None = None  # weights in float during training (the paper's GPTQ mode); None: for GPTQ runs
     # "kl": match the float model's next-token distribution (a teacher forward per step, far more signal per
     # token than the labels); "ce": next-token cross-entropy on the labels, as in the paper.
     loss: Literal["kl", "ce"] = "kl"

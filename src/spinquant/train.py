@@ -186,12 +186,14 @@ def _act_quantizers(layer: LayerParts):
 def training_weight_spec(cfg: RunConfig) -> QuantSpec:
     """The weight quantizer inside the training loop.
 
-    By default the final RTN grid, clip search included (re-run every `clip_every` steps), for RTN and GPTQ
-    runs alike: rotations trained through min-max rounding lean on it and lose their gain once the clip search
-    picks other ranges. The paper's "for GPTQ" mode (weights left in float, `for_gptq=True`) is available but
-    measured worse on SmolLM2: its loss rose during training and GPTQ W4A4KV4 ended at 80.1 ppl, against 41.9
-    with rotations trained through the RTN grid (benchmarks/RESULTS.md, issue 4)."""
-    if cfg.train.for_gptq or not cfg.quant.weight.enabled:
+    RTN runs: the final RTN grid, clip search included (re-run every `clip_every` steps); rotations trained
+    through min-max rounding lean on it and lose their gain once the clip search picks other ranges. GPTQ
+    runs: weights left in float (the paper's "for GPTQ" mode), so the rotation serves the activations and KV
+    and GPTQ is free to place the weights: on SmolLM2 W4A4KV4 that gave 37.47 against 40.51 with rotations
+    trained through the RTN grid and 39.13 with Hadamard (benchmarks/RESULTS.md, issue 4).
+    `TrainConfig.for_gptq` overrides the choice."""
+    for_gptq = cfg.train.for_gptq if cfg.train.for_gptq is not None else cfg.quant.weight_method == "gptq"
+    if for_gptq or not cfg.quant.weight.enabled:
         return QuantSpec(bits=16)
     return cfg.quant.weight
 
