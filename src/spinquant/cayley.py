@@ -39,8 +39,9 @@ class CayleySGD(Optimizer):
             raise ValueError(f"lr must be positive, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "reorthogonalize_every": reorthogonalize_every,
-                                      "max_step": max_step})
+        defaults = {"lr": lr, "momentum": momentum, "reorthogonalize_every": reorthogonalize_every,
+                    "max_step": max_step}
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -68,6 +68,8 @@ def quantize_codes(x: torch.Tensor, scale, zero, bits: int, symmetric: bool, ste
     its gradient straight through, clipped or not (the reference SpinQuant code). Same forward values.
     """
     qmin, qmax = qrange(bits, symmetric)
+    if ste not in STE_KINDS:
+        raise ValueError(f"straight-through estimator {ste!r} is unknown; use one of {STE_KINDS}")
     if ste == "identity":
         y = x / scale + zero
         return torch.clamp(torch.round(y.detach()), qmin, qmax) + (y - y.detach())  # + exactly 0 going forward
