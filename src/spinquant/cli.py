@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 
 from . import api, distributed
-from .config import TABLE_DTYPES, TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
+from .config import STE_KINDS, TABLE_DTYPES, TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
 from .data import check_calibration_differs
 from .errors import SpinQuantError
 from .loading import DEFAULT_MODEL
@@ -122,7 +122,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float)
     t.add_argument("--train-loss", choices=("kl", "ce"), default="kl",
                    help="kl: match the float model's next-token distribution (default); ce: the labels (paper)")
-    t.add_argument("--train-ste", choices=("identity", "clipped"), default="identity",
+    t.add_argument("--train-ste", choices=STE_KINDS, default="identity",
                    help="gradient of the activation/KV quantizers where they clip: pass it through (default) "
                         "or drop it")
     t.add_argument("--train-checkpoint", help="keep the training state in this file (also on Ctrl-C or NaN)")

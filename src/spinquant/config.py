@@ -9,6 +9,7 @@ from .errors import SpinQuantError
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 TABLE_DTYPES = ("int8", "float16", "bfloat16", "float32")  # how a saved model stores embedding and lm_head
+STE_KINDS = ("clipped", "identity")  # straight-through gradients of a quantizer (quant.quantizer.quantize_codes)
 RotationMode = Literal["none", "hadamard", "random", "learned"]
 WeightMethod = Literal["rtn", "gptq"]
 
@@ -128,8 +129,8 @@ class TrainConfig:
             raise SpinQuantError(f"unknown training loss {self.loss!r}; use kl or ce")
         if self.clip_every <= 0:
             raise SpinQuantError(f"clip refresh interval must be positive, got {self.clip_every}")
-        if self.act_ste not in (None, "clipped", "identity"):
-            raise SpinQuantError(f"unknown straight-through estimator {self.act_ste!r}; use clipped or identity")
+        if self.act_ste is not None and self.act_ste not in STE_KINDS:
+            raise SpinQuantError(f"unknown straight-through estimator {self.act_ste!r}; use {' or '.join(STE_KINDS)}")
 
 
 PAPER_TRAIN = {"steps": 100, "batch": 8, "seq_len": 2048, "lr": 1.5}

@@ -27,7 +27,7 @@ class ActQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec | None = None):
         super().__init__()
         self.spec = spec or QuantSpec()
-        self.ste = "clipped"  # the straight-through gradient rotation training sees (quant.quantizer.STE_KINDS)
+        self.ste = "clipped"  # the straight-through gradient rotation training sees (config.STE_KINDS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.spec, self.ste)

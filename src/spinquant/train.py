@@ -109,8 +109,8 @@ class _Installed:
     def __init__(self, parts: ModelParts, rot: RotationParams, weight_spec: QuantSpec, gather=None,
                  act_ste: str = "clipped"):
         self.parts, self.rot = parts, rot
-        self.act_ste = [(q, q.ste) for layer in parts.layers for q in _act_quantizers(layer)]
-        for q, _ in self.act_ste:
+        self.saved_ste = [(q, q.ste) for layer in parts.layers for q in _act_quantizers(layer)]
+        for q, _ in self.saved_ste:
             q.ste = act_ste
         # gather(layer module) → context in which the layer's weights are whole (FSDP shards them between steps)
         self.gather = gather or (lambda module: nullcontext())
@@ -169,7 +169,7 @@ class _Installed:
             self.rotating = True
 
     def remove(self) -> None:
-        for q, ste in self.act_ste:
+        for q, ste in self.saved_ste:
             q.ste = ste
         for layer, role, linear in self.swaps:
             layer.set(role, linear)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import QuantSpec
+from ..config import STE_KINDS, QuantSpec
 from ..errors import SpinQuantError
 
 
@@ -56,9 +56,6 @@ def compute_qparams(
         zero = torch.round(-xmin / scale.clamp(min=torch.finfo(scale.dtype).tiny))
     scale = scale.clamp(min=1e-8 if x.dtype != torch.float16 else 1e-5)
     return scale, zero
-
-
-STE_KINDS = ("clipped", "identity")
 
 
 def quantize_codes(x: torch.Tensor, scale, zero, bits: int, symmetric: bool, ste: str = "clipped") -> torch.Tensor:
@@ -234,11 +231,16 @@ def integer_order_linear(x: torch.Tensor, act: QuantSpec, w: QuantizedTensor,
     wq = w.codes.to(device=x.device, dtype=torch.float32)  # codes may live on the CPU (--offload)
     if not w.symmetric:
         wq = wq.sub_(w.zero.reshape(-1, 1).to(device=x.device, dtype=torch.float32))
-    x_max = 2**act.bits - 1 if not act.symmetric else 2 ** (act.bits - 1)
-    w_max = 2**w.bits - 1 if not w.symmetric else 2 ** (w.bits - 1)
-    exact = torch.float32 if k * x_max * w_max < 2**24 else torch.float64
+    largest_sum = k * _max_centered_code(act.bits, act.symmetric) * _max_centered_code(w.bits, w.symmetric)
+    exact = torch.float32 if largest_sum < 2**24 else torch.float64
     acc = (q.to(exact) @ wq.to(exact).T).to(torch.float32)
     y = acc.mul_(sx).mul_(w.scale.reshape(-1).to(device=x.device, dtype=torch.float32))
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], -1)
+
+
+def _max_centered_code(bits: int, symmetric: bool) -> int:
+    """The largest |code - zero| on a grid: the negative end of a signed one, the full span of an unsigned one."""
+    qmin, qmax = qrange(bits, symmetric)
+    return -qmin if symmetric else qmax - qmin
