@@ -157,7 +157,7 @@ def float64_rebuild(installed) -> None:
         wrapper.__class__ = Float64Rebuild
 
 
-def run_variant(a, variant: str, device: torch.device, calib: torch.Tensor) -> dict:
+def run_variant(a, variant: str, device: torch.device) -> dict:
     from spinquant.cayley import CayleySGD, lr_schedule
     from spinquant.config import QuantConfig, RunConfig
     from spinquant.models import model_parts
@@ -181,6 +181,9 @@ def run_variant(a, variant: str, device: torch.device, calib: torch.Tensor) -> d
     install_modules(parts, r3=True, r4=True)
     sync(device)
     build_s = time.perf_counter() - t
+    # Random token ids from a fixed seed: every variant sees the same batches.
+    calib = torch.randint(0, model.config.vocab_size, ((a.warmup + a.steps) * a.batch, a.seq_len),
+                          generator=torch.Generator().manual_seed(0))
 
     cfg = RunConfig(device=str(device))
     cfg.quant = QuantConfig(weight_method=a.weight_quant)  # W4A4KV4
@@ -265,12 +268,9 @@ def run(a) -> dict:
     if a.threads and device.type == "cpu":
         torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
-    vocab = 49152 if a.model == "smollm2" else a.vocab
-    calib = torch.randint(0, vocab, ((a.warmup + a.steps) * a.batch, a.seq_len),
-                          generator=torch.Generator().manual_seed(0))
     rows = []
     for variant in a.variants:
-        rows.append(run_variant(a, variant, device, calib))
+        rows.append(run_variant(a, variant, device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     shape = ("SmolLM2-135M (real weights, float32)" if a.model == "smollm2" else
