@@ -190,3 +190,78 @@ def test_block_size_does_not_change_result(layer, act_order: bool) -> None:
     b = gptq_quantize(w, h, spec, block_size=128, act_order=act_order)
     assert (a.codes != b.codes).float().mean() < 0.01
     assert torch.allclose(a.scale, b.scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_refit_scales_is_the_least_squares_optimum(layer, symmetric: bool, group_size: int | None) -> None:
+    """For GPTQ's codes, the refit scales lower the output error, and no nearby scale does better."""
+    from spinquant.quant.gptq import hessian_error, refit_scales
+
+    w, x = layer
+    h = _hessian(x)
+    spec = QuantSpec(bits=4, symmetric=symmetric, group_size=group_size)
+    q = gptq_quantize(w, h, spec, block_size=32)
+    r = refit_scales(w, q, h)
+    assert torch.equal(r.codes, q.codes) and torch.equal(r.zero, q.zero)
+    before = hessian_error(w, q.dequantize(), h)
+    after = hessian_error(w, r.dequantize(), h)
+    assert (after <= before * (1 + 1e-9)).all() and after.sum() < 0.99 * before.sum()
+    # The H-metric error equals the directly measured output error ‖(W − Ŵ) Xᵀ‖² (up to H's 2/n).
+    assert float(after.sum()) * x.shape[0] / 2 == pytest.approx(gptq_error(w, r, x), rel=1e-6)
+    # Optimal: nudging every scale up or down by 1 % makes the error larger.
+    for f in (0.99, 1.01):
+        nudged = refit_scales(w, q, h)
+        nudged.scale = nudged.scale * f
+        assert hessian_error(w, nudged.dequantize(), h).sum() > after.sum()
+
+
+def test_refit_gptq_never_worse_than_gptq_and_zero_rounds_is_gptq(layer) -> None:
+    from spinquant.quant.gptq import hessian_error, refit_gptq
+
+    w, x = layer
+    h = _hessian(x)
+    spec = QuantSpec(bits=4)
+    plain = gptq_quantize(w, h, spec, block_size=32)
+    assert torch.equal(refit_gptq(w, h, spec, rounds=0, block_size=32).codes, plain.codes)
+    refit = refit_gptq(w, h, spec, rounds=2, block_size=32)
+    err_plain = hessian_error(w, plain.dequantize(), h).sum()
+    err_refit = hessian_error(w, refit.dequantize(), h).sum()
+    assert err_refit < 0.99 * err_plain
+    lo, hi = qrange(4, True)
+    assert int(refit.codes.min()) >= lo and int(refit.codes.max()) <= hi
+
+
+def test_gptq_on_a_given_grid_keeps_it(layer) -> None:
+    w, x = layer
+    spec = QuantSpec(bits=4, group_size=32)
+    ref = quantize_weight(w * 1.3, spec)  # some other grid
+    q = gptq_quantize(w, _hessian(x), spec, grid=(ref.scale, ref.zero))
+    assert torch.equal(q.scale, ref.scale) and torch.equal(q.zero, ref.zero)
+
+
+def test_float_target_fits_the_float_models_output(layer) -> None:
+    """With degraded inputs X = X̃ + noise, GPTQ on the float target gets closer to the float output W X̃."""
+    from spinquant.quant.gptq import CrossAccumulator, float_target_weight
+
+    w, x_ref = layer
+    x = x_ref + 0.3 * torch.randn(x_ref.shape, generator=torch.Generator().manual_seed(5))
+    h = _hessian(x)
+    cross = CrossAccumulator(x.shape[-1])
+    cross.add(x_ref[:500], x[:500])
+    cross.add(x_ref[500:], x[500:])  # batches combine like the Hessian's
+    full = CrossAccumulator(x.shape[-1])
+    full.add(x_ref, x)
+    assert torch.allclose(cross.cross, full.cross, rtol=1e-10, atol=1e-12)
+    spec = QuantSpec(bits=4)
+
+    def float_error(q) -> float:
+        return float((x_ref.double() @ w.double().T - x.double() @ q.dequantize().double().T).pow(2).sum())
+
+    own = gptq_quantize(w, h, spec)
+    fitted = gptq_quantize(float_target_weight(w, h, cross.cross, damp=1e-4), h, spec)
+    assert float_error(fitted) < 0.9 * float_error(own)
+    # Same inputs: the target is the weight itself, up to the damping.
+    same = CrossAccumulator(x.shape[-1])
+    same.add(x, x)
+    assert torch.allclose(float_target_weight(w, h, same.cross, damp=1e-6), w, atol=1e-3)
