@@ -41,6 +41,9 @@ def quantized(family="llama", r3=True, r4=True, weight=None, act_bits=4, kv_bits
     tok = bpe_tokenizer()
     cfg = RunConfig()
     cfg.rotation.mode, cfg.rotation.r3, cfg.rotation.r4 = rotation, r3, r4
+    # Exported embedding / lm_head are float and their readers run the head on a float input: keep the
+    # in-memory tables float too, so logits can be compared (int8 tables add a per-token int8 head input).
+    cfg.tables = "float32"
     if weight is not None:
         cfg.quant.weight = weight
     cfg.quant.act = QuantSpec(bits=act_bits, symmetric=False, clip_ratio=0.9)

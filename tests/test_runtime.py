@@ -25,14 +25,15 @@ from spinquant.runtime.model import module_summary
 from spinquant.runtime.modules import IntLinear, WeightOnlyLinear
 from spinquant.runtime.packing import pack_codes, unpack_codes
 
-FLOAT_TABLES = {"embedding": "float32", "lm_head": "float32"}  # isolates the decoder for exact comparisons
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_config(w=4, a=4, kv=4, w_group=None, a_group=None, a_sym=False, r3=True, r4=True) -> RunConfig:
+def run_config(w=4, a=4, kv=4, w_group=None, a_group=None, a_sym=False, r3=True, r4=True,
+               tables="int8") -> RunConfig:
     cfg = RunConfig()
+    cfg.tables = tables
     cfg.quant = QuantConfig(weight=QuantSpec(w, symmetric=True, group_size=w_group, clip_search=True),
                             act=QuantSpec(a, symmetric=a_sym, group_size=a_group, clip_ratio=0.9),
                             key=QuantSpec(kv, symmetric=False, clip_ratio=0.95),
@@ -49,7 +50,7 @@ def quantized_tiny(family="llama", seed=0, **kw):
 
 
 def save_load(model, cfg, path, **save_kw):
-    save_quantized(model, byte_tokenizer(), cfg, path, **{**FLOAT_TABLES, **save_kw})
+    save_quantized(model, byte_tokenizer(), cfg, path, **save_kw)  # the tables the model computes with
     return load_quantized(path)
 
 
@@ -185,16 +186,19 @@ def test_quantized_kv_cache_matches_fake_kv_quant_step_by_step(bits, rotate):
 # ---------------------------------------------------------------------------------- save / load / model
 
 
-@pytest.mark.parametrize("w,a,kv", [(4, 4, 4), (4, 8, 8), (8, 8, 8)])
-def test_saved_model_matches_fake_quant_model(tmp_path, w, a, kv):
-    model, cfg = quantized_tiny(w=w, a=a, kv=kv)
+@pytest.mark.parametrize("w,a,kv,tables", [(4, 4, 4, "int8"), (4, 4, 4, "float32"), (4, 4, 4, "bfloat16"),
+                                           (4, 8, 8, "int8"), (8, 8, 8, "float16")])
+def test_saved_model_matches_fake_quant_model(tmp_path, w, a, kv, tables):
+    model, cfg = quantized_tiny(w=w, a=a, kv=kv, tables=tables)
     loaded, _ = save_load(model, cfg, tmp_path / "q")
-    assert module_summary(loaded)["IntLinear"] == 2 * 4  # fused qkv, o, fused gate/up, down per layer
+    # fused qkv, o, fused gate/up, down per layer; plus lm_head as W8A8 over an int8 table
+    assert module_summary(loaded)["IntLinear"] == 2 * 4 + (tables == "int8")
     ids = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, out = model(ids).logits, loaded(ids).logits
-    # Bit for bit: the in-memory model evaluates in the kernels' integer order and with the same online
-    # Hadamard, so not even float rounding differs (at W4A4 a 1e-7 difference would compound, layer by layer).
+    # Bit for bit: the in-memory model evaluates in the kernels' integer order, with the same online
+    # Hadamard and the same embedding / lm_head tables, so not even float rounding differs (at W4A4 a 1e-7
+    # difference would compound, layer by layer).
     assert torch.equal(ref, out)
 
 
@@ -227,24 +231,40 @@ def test_greedy_generation_matches_fake_quant_model(tmp_path):
 
 
 def test_int8_tables_shrink_the_checkpoint_and_stay_close(tmp_path):
-    model, cfg = quantized_tiny(w=4, a=8, kv=8)
-    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "int8")  # default: int8 embedding and lm_head
-    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "f32", **FLOAT_TABLES)
+    model, cfg = quantized_tiny(w=4, a=8, kv=8)  # default: int8 embedding and lm_head
+    float_model, float_cfg = quantized_tiny(w=4, a=8, kv=8, tables="float32")
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "int8")
+    save_quantized(float_model, byte_tokenizer(), float_cfg, tmp_path / "f32")
     size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("int8", "f32")}
     assert size["int8"] < size["f32"] - 2 * 260 * 64 * 2  # two 260x64 tables: 4 bytes → 1 byte + scales
     loaded, _ = load_quantized(tmp_path / "int8")
     assert module_summary(loaded)["Int8Embedding"] == 1
     ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ref, out = model(ids).logits, loaded(ids).logits
-    assert (ref - out).abs().max() < 0.2 * ref.abs().max()
+        ref, out = float_model(ids).logits, loaded(ids).logits
+        assert torch.equal(out, model(ids).logits)  # the in-memory model already used the int8 tables
+    assert 0 < (ref - out).abs().max() < 0.2 * ref.abs().max()
+
+
+def test_saving_reuses_the_models_own_table_codes(tmp_path):
+    from safetensors import safe_open
+
+    from spinquant.models import model_parts
+
+    model, cfg = quantized_tiny("qwen2", w=4, a=8, kv=8)  # tied: one int8 table serves embedding and lm_head
+    parts = model_parts(model)
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.embed_tokens.qweight"), parts.embedding.table.codes)
+        assert torch.equal(f.get_tensor("model.embed_tokens.scale"), parts.embedding.table.scale)
+        assert torch.equal(f.get_tensor("lm_head.tied_transform"), parts.lm_head.transform)
 
 
 def test_tied_models_store_one_table(tmp_path):
     from safetensors import safe_open
 
-    model, cfg = quantized_tiny("qwen2")  # tied before quantization: lm_head = embedding · M
-    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q", embedding="float32")  # lm_head="auto"
+    model, cfg = quantized_tiny("qwen2", tables="float32")  # tied before quantization: lm_head = embedding · M
+    save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")  # lm_head="auto"
     assert json.loads((tmp_path / "q" / "config.json").read_text())["spinquant"]["lm_head"] == "tied"
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())

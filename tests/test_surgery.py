@@ -15,6 +15,7 @@ OFF = QuantSpec(bits=16)
 def float_config(rotation: str, **rot) -> RunConfig:
     cfg = RunConfig()
     cfg.quant = QuantConfig(weight=OFF, act=OFF, key=OFF, value=OFF)
+    cfg.tables = "float32"  # the rotation alone must not move the logits: no int8 embedding / lm_head either
     cfg.rotation.mode = rotation
     for k, v in rot.items():
         setattr(cfg.rotation, k, v)

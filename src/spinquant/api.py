@@ -145,7 +145,7 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
     if cfg.output:
         from .runtime.checkpoint import save_quantized
 
-        save_quantized(model, tokenizer, cfg, cfg.output, overwrite=cfg.overwrite, embedding=cfg.tables)
+        save_quantized(model, tokenizer, cfg, cfg.output, overwrite=cfg.overwrite)
         result["output"] = cfg.output
         console.print(f"saved to {cfg.output}")
     if export is not None:

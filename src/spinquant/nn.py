@@ -18,7 +18,9 @@ from .hadamard import OnlineHadamard, online_hadamard
 from .quant.quantizer import QuantizedTensor, fake_quantize, integer_order_linear
 
 ATTN_IMPLEMENTATION = "spinquant"
-__all__ = ["ActQuantizer", "KVQuant", "OnlineHadamard", "QuantLinear", "use_spinquant_attention"]
+__all__ = ["ActQuantizer", "KVQuant", "OnlineHadamard", "QuantLinear", "TableEmbedding", "TableHead",
+           "use_spinquant_attention"]
+HEAD_ACT = QuantSpec(bits=8, symmetric=True)  # lm_head's input over an int8 table: per token, as the runtime
 
 
 class ActQuantizer(nn.Module):
@@ -66,6 +68,58 @@ class QuantLinear(nn.Module):
     @classmethod
     def wrap(cls, module: nn.Module) -> QuantLinear:
         return module if isinstance(module, QuantLinear) else cls(module)
+
+
+class TableEmbedding(nn.Embedding):
+    """The embedding as the saved model stores it: `weight` holds the stored values (e.g. int8 codes × row
+    scale, exactly what the runtime computes), `table` the codes themselves when `storage` is int8."""
+
+    def __init__(self, weight: torch.Tensor, table: QuantizedTensor | None, storage: str,
+                 padding_idx: int | None = None):
+        super().__init__(*weight.shape, padding_idx=padding_idx, _weight=weight, _freeze=True)
+        self.table = table
+        self.storage = storage  # a TABLE_STORAGE name: what save_quantized writes by default
+
+
+class TableHead(nn.Module):
+    """lm_head as the saved model runs it: logits = table-product of (x · Mᵀ) when the head shares the
+    embedding's table through a hidden × hidden M (`transform`), else of x. With an int8 table the input is
+    quantized per token to int8 and the codes multiplied first, like the runtime's W8A8 head; with a float
+    table it is a float product. `weight` gives the effective float matrix (table · M) for readers that want
+    one (exporters); the table itself is not duplicated in memory.
+    """
+
+    def __init__(self, table: torch.Tensor | QuantizedTensor, transform: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.table = table  # plain attributes, like QuantLinear.quantized: not state, moved on use
+        self.transform = transform
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = table.codes.shape if isinstance(table, QuantizedTensor) else table.shape
+
+    def stored(self) -> torch.Tensor:
+        """The table's values as float (int8 codes × row scale, or the float table)."""
+        return self.table.dequantize() if isinstance(self.table, QuantizedTensor) else self.table
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.stored()
+        return w if self.transform is None else (w.double() @ self.transform.double()).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:
+            x = F.linear(x, self.transform.to(x))
+        if isinstance(self.table, QuantizedTensor):
+            y = integer_order_linear(x, HEAD_ACT, self.table, self.bias)
+            if y is not None:
+                return y
+            x = fake_quantize(x, HEAD_ACT)
+        return F.linear(x, self.stored().to(x), self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "int8 per-row" if isinstance(self.table, QuantizedTensor) else str(self.table.dtype)
+        tied = ", tied through M" if self.transform is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, {kind}{tied}"
 
 
 class KVQuant(nn.Module):

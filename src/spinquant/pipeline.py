@@ -18,6 +18,7 @@ from .hadamard import OnlineHadamard, fast_hadamard_transform, is_hadamard_size
 from .models import ModelParts, model_parts
 from .nn import KVQuant, QuantLinear, use_spinquant_attention
 from .quant.quantizer import quantize_weight
+from .quant.tables import apply_tables
 from .rotate import merge_r1, merge_r2, prepare, update_weight
 from .rotations import Rotations, load_rotations, make_rotations
 from .streaming import LayerStream, each_layer, on_device, resolve_device
@@ -184,5 +185,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
             quantize_weights_rtn(parts, cfg.quant.weight, progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t
     set_activation_quant(parts, cfg.quant)
+    # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.
+    apply_tables(parts, cfg.tables)
     model.spinquant_rotations = rotations
     return report

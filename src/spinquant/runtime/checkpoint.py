@@ -27,13 +27,13 @@ from ..errors import SpinQuantError
 from ..io import atomic_path
 from ..models import model_parts
 from ..nn import QuantLinear
-from ..quant.quantizer import quantize_weight
+from ..quant.quantizer import QuantizedTensor
+from ..quant.tables import TABLE_STORAGE, model_storage, resolve_head_storage, table_of
 from .packing import pack_codes
 
 FORMAT = "spinquant-packed"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-TABLE_STORAGE = {"int8": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def spec_to_dict(spec: QuantSpec) -> dict:
@@ -54,14 +54,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _table(prefix: str, weight: torch.Tensor, storage: str, out: dict) -> None:
-    """Embedding or lm_head: int8 per row (symmetric, plain min-max) or a float copy."""
-    if storage == "int8":
-        qt = quantize_weight(weight.detach().float(), QuantSpec(bits=8, symmetric=True))
-        out[f"{prefix}.qweight"] = qt.codes.contiguous()
-        out[f"{prefix}.scale"] = qt.scale.float().contiguous()
+def _table(prefix: str, module: torch.nn.Module, storage: str, out: dict) -> None:
+    """Embedding or lm_head: int8 per row (symmetric, plain min-max; the model's own codes once
+    `apply_tables` has run) or a float copy."""
+    table = table_of(module, storage)
+    if isinstance(table, QuantizedTensor):
+        out[f"{prefix}.qweight"] = table.codes.contiguous()
+        out[f"{prefix}.scale"] = table.scale.float().contiguous()
     else:
-        out[f"{prefix}.weight"] = weight.detach().to(TABLE_STORAGE[storage]).contiguous()
+        out[f"{prefix}.weight"] = table.to(TABLE_STORAGE[storage]).contiguous()
 
 
 def _quantized_specs(model) -> tuple[QuantSpec, QuantSpec, QuantSpec, QuantSpec, bool, bool]:
@@ -84,40 +85,6 @@ def _quantized_specs(model) -> tuple[QuantSpec, QuantSpec, QuantSpec, QuantSpec,
     r3 = bool(kv is not None and kv.rotate_qk)
     r4 = parts.layers[0].down.input_transform is not None
     return weight, act, key, value, r3, r4
-
-
-def tied_transform(embedding: torch.Tensor, lm_head: torch.Tensor, tol: float = 1e-5) -> torch.Tensor | None:
-    """M with lm_head = embedding · M (hidden × hidden), or None when no such M fits.
-
-    A model that was tied before quantization has lm_head = E0·diag(g)·R1 and embedding = E0·R1 (final
-    norm g fused, R1 merged), so M = R1ᵀ·diag(g)·R1 exists: one table serves both, and
-    logits = (x·Mᵀ)·tableᵀ. Found by least squares, so nothing about the pipeline is assumed.
-    """
-    if embedding.shape != lm_head.shape:
-        return None
-    e, w = embedding.detach().double(), lm_head.detach().double()
-    m = torch.linalg.lstsq(e, w).solution
-    rel = float((e @ m - w).norm() / w.norm().clamp(min=1e-30))
-    return m.float() if rel < tol else None
-
-
-def resolve_head_storage(model, embedding: str, lm_head: str) -> tuple[str, torch.Tensor | None]:
-    """("tied", M) when lm_head can share the embedding table, else (storage, None). "auto" prefers tied,
-    else stores lm_head like the embedding."""
-    for what, storage, allowed in (("embedding", embedding, TABLE_STORAGE),
-                                   ("lm_head", lm_head, (*TABLE_STORAGE, "tied", "auto"))):
-        if storage not in allowed:
-            raise SpinQuantError(f"{what} storage {storage!r} is unknown; use one of {', '.join(allowed)}")
-    if lm_head not in ("tied", "auto"):
-        return lm_head, None
-    parts = model_parts(model)
-    m = tied_transform(parts.embedding.weight, parts.lm_head.weight)
-    if m is not None and getattr(parts.lm_head, "bias", None) is None:
-        return "tied", m
-    if lm_head == "tied":
-        raise SpinQuantError("lm_head is not the embedding times a hidden x hidden matrix (the model was not "
-                             "tied); save with lm_head='int8' instead")
-    return embedding, None
 
 
 def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
@@ -144,11 +111,11 @@ def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
         if module.bias is not None:
             out[f"{name}.bias"] = module.bias.detach().float().contiguous()
         done.update({f"{name}.weight", f"{name}.bias"})
-    _table(adapter.embedding, parts.embedding.weight, embedding, out)
+    _table(adapter.embedding, parts.embedding, embedding, out)
     if lm_head == "tied":
         out[f"{adapter.lm_head}.tied_transform"] = head_transform.contiguous()
     else:
-        _table(adapter.lm_head, parts.lm_head.weight, lm_head, out)
+        _table(adapter.lm_head, parts.lm_head, lm_head, out)
     done.update({f"{adapter.embedding}.weight", f"{adapter.lm_head}.weight"})
     if getattr(parts.lm_head, "bias", None) is not None:
         out[f"{adapter.lm_head}.bias"] = parts.lm_head.bias.detach().float().contiguous()
@@ -181,17 +148,20 @@ def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str
 
 
 def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path, overwrite: bool = False,
-                   embedding: str = "int8", lm_head: str = "auto") -> Path:
+                   embedding: str | None = None, lm_head: str = "auto") -> Path:
     """Write the quantized `model` (after `pipeline.quantize_model`) as a packed checkpoint folder.
 
     embedding / lm_head: "int8" (per row), "float16", "bfloat16" or "float32"; lm_head may also be "tied"
     (share the embedding table through a hidden x hidden matrix: models that were tied) or "auto" (tied
-    when that fits, else int8).
+    when that fits, else like the embedding). embedding None: the tables the model already computes with
+    (RunConfig.tables, applied by quantize_model), so the saved model computes exactly what it did.
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    lm_head, head_transform = resolve_head_storage(model, embedding, lm_head)
+    if embedding is None:
+        embedding = model_storage(model_parts(model))
+    lm_head, head_transform = resolve_head_storage(model_parts(model), embedding, lm_head)
     section = spinquant_section(model, cfg, embedding, lm_head)
     tensors = collect_tensors(model, embedding, lm_head, head_transform)
     config = model.config.to_dict()
