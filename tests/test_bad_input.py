@@ -154,8 +154,6 @@ CASES = {
     "train-steps -1": Case(lambda c: c.learned("--train-steps", "-1"), "--train-steps"),
     "train-batch 0": Case(lambda c: c.learned("--train-batch", "0"), "--train-batch"),
     "gptq-samples -4": Case(lambda c: c.quantize("--weight-quant", "gptq", "--gptq-samples", "-4"), "--gptq-samples"),
-    "gptq-refit-rounds -1": Case(lambda c: c.quantize("--weight-quant", "gptq", "--gptq-refit-rounds", "-1"),
-                                 "--gptq-refit-rounds"),
     "gptq-seq-len -1": Case(lambda c: c.quantize("--weight-quant", "gptq", "--gptq-seq-len", "-1"), "--gptq-seq-len"),
     "max-windows -3": Case(lambda c: c.quantize("--max-windows", "-3"), "--max-windows"),
     "seq-len 0": Case(lambda c: c.quantize("--seq-len", "0"), "--seq-len"),

@@ -128,14 +128,3 @@ def test_tables_flag_sets_embedding_storage(tiny_dir, files, capsys, tmp_path):
         assert tables and all(f.get_tensor(k).dtype in (torch.float16, torch.float32) for k in tables)
         assert any(f.get_tensor(k).dtype == torch.float16 for k in tables)
         assert not any(k.endswith(".qweight") for k in tables)
-
-
-def test_gptq_flags_reach_the_config():
-    from spinquant.cli import build_parser, config_from_args
-
-    a = build_parser().parse_args(["quantize", "--weight-quant", "gptq", "--gptq-refit-rounds", "2",
-                                   "--gptq-float-target", "--gptq-act-order"])
-    g = config_from_args(a).gptq
-    assert (g.refit_rounds, g.float_target, g.act_order) == (2, True, True)
-    g = config_from_args(build_parser().parse_args(["quantize"])).gptq
-    assert (g.refit_rounds, g.float_target) == (0, False)

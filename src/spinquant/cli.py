@@ -104,10 +104,6 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-samples", type=_positive, default=128)
     g.add_argument("--gptq-seq-len", type=_positive, default=2048)
     g.add_argument("--gptq-act-order", action="store_true")
-    g.add_argument("--gptq-refit-rounds", type=int, default=0, metavar="N",
-                   help="after GPTQ, N rounds of least-squares scales for its codes and GPTQ again on them")
-    g.add_argument("--gptq-float-target", action="store_true",
-                   help="fit each layer to the float model's output on the float model's inputs")
 
     r = p.add_argument_group("rotation")
     r.add_argument("--rotation", choices=("none", "hadamard", "random", "learned"), default="hadamard")
@@ -170,8 +166,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                         checkpoint_every=a.train_checkpoint_every or 0, resume=a.resume, loss=a.train_loss,
                         act_ste=a.train_ste, **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
-                       act_order=a.gptq_act_order, refit_rounds=a.gptq_refit_rounds,
-                       float_target=a.gptq_float_target)
+                       act_order=a.gptq_act_order)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()
