@@ -148,8 +148,8 @@ def test_groups_are_true_sequential(monkeypatch) -> None:
         done.append({r for r, lin in parts.layers[index].linears().items() if lin.quantized is not None})
         return real(weight, hessian, spec, **kw)
 
-    real = driver.refit_gptq
-    monkeypatch.setattr(driver, "refit_gptq", recording)
+    real = driver.gptq_quantize
+    monkeypatch.setattr(driver, "gptq_quantize", recording)
     quantize_weights_gptq(parts, cfg, None, progress=False, calib=calib_ids(2, 8))
     roles = [r for group in driver.GROUPS for r in group]
     assert order == [(i, r) for i in range(len(parts.layers)) for r in roles]

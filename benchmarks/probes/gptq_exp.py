@@ -21,11 +21,9 @@ cfg.quant.weight_method = method
 cfg.gptq.samples = samples
 cfg.gptq.act_order = bool(os.environ.get("ACT_ORDER"))
 cfg.quant.weight.symmetric = not os.environ.get("W_ASYM")
-cfg.gptq.refit_rounds = int(os.environ.get("REFIT", "0"))
-cfg.gptq.float_target = bool(os.environ.get("FLOAT_TARGET"))
 m = copy.deepcopy(base)
 t = time.time(); rep = quantize_model(m, cfg, tok, progress=False)
 qs = time.time() - t
 res = {k: round(perplexity(m, x, progress=False), 2) for k, x in wins.items()}
-print("RESULT", rot, method, f"W{w}A{a}KV{kv}", f"g{group}", f"samples={samples}", f"act_order={cfg.gptq.act_order}", f"sym={cfg.quant.weight.symmetric}", f"refit={cfg.gptq.refit_rounds}", f"float_target={cfg.gptq.float_target}", res, f"quantize {qs:.0f}s",
+print("RESULT", rot, method, f"W{w}A{a}KV{kv}", f"g{group}", f"samples={samples}", f"act_order={cfg.gptq.act_order}", f"sym={cfg.quant.weight.symmetric}", res, f"quantize {qs:.0f}s",
       f"weights {rep.seconds.get('weights', 0):.0f}s", f"peakRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20:.2f}GB", json.dumps(rep.gptq), flush=True)

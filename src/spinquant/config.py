@@ -146,16 +146,10 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
-    # Rounds of (least-squares scales for GPTQ's codes, GPTQ again on those scales); 0 = plain GPTQ.
-    refit_rounds: int = 0
-    # Fit each layer to the float model's output on the float model's inputs (asymmetric calibration).
-    float_target: bool = False
 
     def validate(self) -> None:
         if self.samples <= 0 or self.seq_len <= 0:
             raise SpinQuantError("--gptq-samples and --gptq-seq-len must be positive")
-        if self.refit_rounds < 0:
-            raise SpinQuantError(f"--gptq-refit-rounds must be 0 or more, got {self.refit_rounds}")
         if not 0 < self.damp < 1:
             raise SpinQuantError(f"GPTQ damping {self.damp} must be in (0, 1), e.g. 0.01")
 

@@ -8,8 +8,6 @@ quantizer; with H = I no error is propagated and GPTQ gives exactly the RTN code
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -61,59 +59,6 @@ class HessianAccumulator:
         self._n = total
 
 
-class CrossAccumulator:
-    """Running C = 2/n Σ x̃ xᵀ between a reference input x̃ (the float model's) and the input x the quantized
-    layer sees, scaled like HessianAccumulator's H so the two combine in `float_target_weight`."""
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
-        self._c = torch.zeros(in_features, in_features, device=device, dtype=torch.float64)
-        self._n = 0
-
-    @property
-    def cross(self) -> torch.Tensor:
-        return self._c
-
-    @torch.no_grad()
-    def add(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
-        if x_ref.shape != x.shape:
-            raise SpinQuantError(
-                f"reference input {tuple(x_ref.shape)} and quantized-model input {tuple(x.shape)} differ in "
-                "shape; both must come from the same calibration sample"
-            )
-        n = self._c.shape[0]
-        x_ref = x_ref.detach().reshape(-1, n).to(self._c)
-        x = x.detach().reshape(-1, n).to(self._c)
-        total = self._n + x.shape[0]
-        if x.shape[0] == 0:
-            return
-        self._c.mul_(self._n / total).addmm_(x_ref.T, x, alpha=2.0 / total)
-        self._n = total
-
-
-@torch.no_grad()
-def float_target_weight(
-    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01
-) -> torch.Tensor:
-    """W* = W C (H + λI)⁻¹: the weight whose output on the quantized model's inputs X best matches the float
-    model's output W X̃ (least squares). ‖W X̃ − Q X‖² = ‖W* X − Q X‖² + const, so GPTQ on W* with H fits
-    each layer to the float model instead of to itself on already-degraded inputs (asymmetric calibration,
-    as in GPTAQ). λ is GPTQ's damping, so W* = W when X̃ = X up to that damping.
-    """
-    h = hessian.to(weight.device, torch.float64)
-    damped = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    rhs = weight.double() @ cross.to(weight.device, torch.float64)  # [out, in] = W C
-    try:
-        # (W C) (H+λI)⁻¹ = solve((H+λI)ᵀ, (W C)ᵀ)ᵀ; H+λI is symmetric positive definite.
-        target = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(damped)).T
-    except torch.linalg.LinAlgError:
-        warnings.warn("GPTQ float target: the Hessian is not positive definite; fitting the layer to itself",
-                      stacklevel=2)
-        return weight
-    if not torch.isfinite(target).all():
-        return weight
-    return target.to(weight.dtype)
-
-
 def hessian_hook(module: nn.Module, accumulator: HessianAccumulator) -> torch.utils.hooks.RemovableHandle:
     """Feed `module`'s first positional input (as the module receives it) to `accumulator`; returns the
     handle, call `.remove()` when calibration is done."""
@@ -156,14 +101,12 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
-    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedTensor:
     """Quantize weight [out, in] with GPTQ given the input Hessian [in, in].
 
     Codes come back in the original column order; `dequantize()` gives the GPTQ weight. With groups and
     act_order, group parameters are fixed up front from the original weight ("static groups") so that a
-    group is still a run of consecutive original columns. `grid` = (scale, zero), shaped like a
-    QuantizedTensor's, fixes the grid instead of deriving it from the weight (see `refit_gptq`).
+    group is still a run of consecutive original columns.
     """
     if weight.dim() != 2:
         raise SpinQuantError(f"GPTQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
@@ -199,10 +142,8 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     # Per-channel and static-group parameters come from the whole (un-updated) weight, exactly as RTN.
-    static = group_size is None or act_order or grid is not None
-    if grid is not None:
-        scale_all, zero_all = (t.detach().float().to(device).unsqueeze(-1).clone() for t in grid)
-    elif static:
+    static = group_size is None or act_order
+    if static:
         scale_all, zero_all = weight_qparams(to_groups(w, group_size), spec)  # [out, 1] or [out, ng, 1]
     else:
         n_groups = n_in // group_size
@@ -271,70 +212,6 @@ def gptq_quantize(
         symmetric=spec.symmetric,
         group_size=group_size,
     )
-
-
-@torch.no_grad()
-def hessian_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per row, (w − q)ᵀ H (w − q): the output error GPTQ minimises, without materialising the inputs."""
-    d = weight.double() - qweight.to(weight.device).double()
-    return ((d @ hessian.to(d.device, torch.float64)) * d).sum(-1)
-
-
-@torch.no_grad()
-def refit_scales(weight: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor) -> QuantizedTensor:
-    """For fixed integer codes, the scales that minimise the output error (w − ŵ)ᵀ H (w − ŵ) row by row.
-
-    The grid GPTQ starts from is fit to the weight alone (clip search); once GPTQ has chosen its codes, the
-    best scale for them is a small least-squares problem in the H metric: one unknown per row, or one per
-    group (a [groups × groups] system per row). Zero points stay as they are. A row keeps its old scales
-    where the new ones would not be positive and finite (e.g. a row of zero codes).
-    """
-    n_out = weight.shape[0]
-    h = hessian.to(weight.device, torch.float64)
-    centered = to_groups(qt.codes.double(), qt.group_size) - qt.zero.double().unsqueeze(-1)
-    centered = centered.reshape(n_out, -1, centered.shape[-1])  # [out, ng, gs] (ng = 1 per channel)
-    ng, gs = centered.shape[1:]
-    target = weight.double() @ h  # [out, in]: row r is (H w_r)ᵀ
-    new_scale = torch.empty(n_out, ng, dtype=torch.float64, device=weight.device)
-    h_blocks = h.reshape(ng, gs, ng, gs)
-    for r0 in range(0, n_out, 256):  # rows in chunks: the [rows, ng, gs, ng] product grows with ng
-        c = centered[r0 : r0 + 256]
-        hc = torch.einsum("gihj,rhj->rgih", h_blocks, c)  # H q̃ split by the group it lands in
-        a = torch.einsum("rgi,rgih->rgh", c, hc)
-        b = (c * target[r0 : r0 + 256].reshape(-1, ng, gs)).sum(-1)
-        eye = torch.eye(ng, dtype=a.dtype, device=a.device)
-        # A tiny ridge keeps rows whose codes vanish in some group solvable; those rows are reverted below.
-        ridge = 1e-12 * a.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp(min=1e-30)
-        new_scale[r0 : r0 + 256] = torch.linalg.solve(a + ridge[:, None, None] * eye, b)
-    old = qt.scale.double().reshape(n_out, ng)
-    ok = (torch.isfinite(new_scale) & (new_scale > 0)).all(-1, keepdim=True)
-    scale = torch.where(ok, new_scale, old).reshape(qt.scale.shape).to(qt.scale.dtype)
-    return replace(qt, scale=scale)
-
-
-@torch.no_grad()
-def refit_gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, rounds: int = 1, **gptq: Any
-) -> QuantizedTensor:
-    """GPTQ, then `rounds` times: refit the scales to the codes (`refit_scales`), and rerun GPTQ on that
-    grid. Every candidate is scored by its output error in the undamped H; the best one is returned, so
-    the result is never worse than plain GPTQ's. rounds = 0 is plain GPTQ.
-    """
-    best = gptq_quantize(weight, hessian, spec, **gptq)
-    if rounds <= 0:
-        return best
-    best_err = hessian_error(weight, best.dequantize(), hessian).sum()
-    current = best
-    for _ in range(rounds):
-        candidates = [refit_scales(weight, current, hessian)]
-        candidates.append(gptq_quantize(weight, hessian, spec, grid=(candidates[0].scale, candidates[0].zero), **gptq))
-        candidates.append(refit_scales(weight, candidates[1], hessian))
-        current = candidates[-1]
-        for cand in candidates:
-            err = hessian_error(weight, cand.dequantize(), hessian).sum()
-            if err < best_err:
-                best, best_err = cand, err
-    return best
 
 
 @torch.no_grad()

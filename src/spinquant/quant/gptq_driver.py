@@ -12,7 +12,6 @@ weights in the pipeline, so they are off here anyway; the W16-activation Hessian
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from functools import partial
@@ -24,9 +23,8 @@ from torch import nn
 from ..config import RunConfig
 from ..data import calibration_batches, check_calibration_differs, load_text
 from ..errors import SpinQuantError
-from ..models.base import LayerParts
 from ..streaming import LayerStream, resolve_device
-from .gptq import CrossAccumulator, HessianAccumulator, float_target_weight, refit_gptq
+from .gptq import HessianAccumulator, gptq_quantize
 
 if TYPE_CHECKING:
     from ..models import ModelParts
@@ -141,41 +139,20 @@ class _GroupHessians:
     identical and the x·xᵀ sums are the main cost of calibration.
     """
 
-    def __init__(
-        self, linears: dict[str, nn.Module], device: torch.device, reference: dict[str, nn.Module] | None = None
-    ) -> None:
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device) -> None:
         self.linears = linears
         self.device = device
         self.acc: dict[str, HessianAccumulator] = {}
-        # With `reference` (the same linears in an unquantized copy of the layer, run first on the float
-        # model's stream): C = Σ x̃ xᵀ per accumulator, for `float_target_weight`.
-        self.reference = reference
-        self.crosses: dict[str, CrossAccumulator] = {}
-        self._ref_seen: dict[str, torch.Tensor] = {}
-        self._ref_pending: set[str] = set()
         self.shares: dict[str, str] = {}  # role -> earlier role whose input is the same tensor
         self._seen: dict[str, torch.Tensor] = {}  # untransformed inputs seen in the current forward
         self._pending: set[str] = set(linears)
         self._handles = [
             m.register_forward_pre_hook(partial(self._hook, role)) for role, m in linears.items()
         ]
-        for role, m in (reference or {}).items():
-            self._handles.append(m.register_forward_pre_hook(partial(self._ref_hook, role)))
 
     def begin(self) -> None:
         self._seen.clear()
         self._pending = set(self.linears)
-
-    def begin_reference(self) -> None:
-        self._ref_seen.clear()
-        self._ref_pending = set(self.reference or ())
-
-    def _ref_hook(self, role: str, module: nn.Module, args: tuple) -> None:
-        transform = getattr(module, "input_transform", None)
-        self._ref_seen[role] = transform(args[0]) if transform is not None else args[0]
-        self._ref_pending.discard(role)
-        if not self._ref_pending:
-            raise _StopForward
 
     def _hook(self, role: str, module: nn.Module, args: tuple) -> None:
         x = args[0]
@@ -195,12 +172,7 @@ class _GroupHessians:
             if role not in self.acc:
                 self.acc[role] = HessianAccumulator(x.shape[-1], device=self.device)
             # The weight multiplies the transformed input (R4 for down_proj): that is the GPTQ basis.
-            seen = transform(x) if transform is not None else x
-            self.acc[role].add(seen)
-            if self.reference is not None:
-                if role not in self.crosses:
-                    self.crosses[role] = CrossAccumulator(x.shape[-1], device=self.device)
-                self.crosses[role].add(self._ref_seen[role], seen)
+            self.acc[role].add(transform(x) if transform is not None else x)
             if transform is None:
                 self._seen[role] = x
         self._pending.discard(role)
@@ -215,17 +187,12 @@ class _GroupHessians:
     def hessian(self, role: str) -> torch.Tensor:
         return self.acc[self.shares.get(role, role)].hessian
 
-    def cross(self, role: str) -> torch.Tensor:
-        return self.crosses[self.shares.get(role, role)].cross
-
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.acc.clear()
-        self.crosses.clear()
         self._seen.clear()
-        self._ref_seen.clear()
 
 
 @torch.no_grad()
@@ -237,24 +204,13 @@ def _run_layer(
     device: torch.device,
     outputs: torch.Tensor | None = None,
     hessians: _GroupHessians | None = None,
-    reference: tuple[nn.Module, torch.Tensor] | None = None,
 ) -> None:
     """Push every calibration sample through `layer` (args / kwargs already on `device`).
 
     With `outputs`, store each sample's output there (CPU); with `hessians`, each pass is expected to be
-    cut short by the hook once the group's inputs have been seen. With `reference` = (float copy of the
-    layer, float-stream hidden states), each sample first runs through the copy so the hooks can pair the
-    float model's inputs with the quantized model's.
+    cut short by the hook once the group's inputs have been seen.
     """
     for i in range(inputs.hidden.shape[0]):
-        if reference is not None and hessians is not None:
-            hessians.begin_reference()
-            try:
-                reference[0](reference[1][i : i + 1].to(device), *args, **kwargs)
-            except _StopForward:
-                pass
-            else:
-                raise SpinQuantError("the float copy of the decoder layer never called its linears")
         if hessians is not None:
             hessians.begin()
         try:
@@ -305,40 +261,22 @@ def quantize_weights_gptq(
         args = _to_device(inputs.args, device)
         kwargs = _to_device(inputs.kwargs, device)
         outputs = torch.empty_like(inputs.hidden)
-        # The float model's own stream, for fitting each layer to the float model (GPTQConfig.float_target).
-        float_hidden = inputs.hidden.clone() if g.float_target else None
         n_layers = len(parts.layers)
         for index, layer in enumerate(
             tqdm(parts.layers, desc="GPTQ layers", disable=None if progress else True, leave=False)
         ):
             with stream.visit(layer) as home:
                 linears = layer.linears()
-                # An unquantized copy of this layer (one layer's weights) runs the float stream.
-                float_layer = (
-                    LayerParts(copy.deepcopy(layer.module), layer.names, layer.index) if g.float_target else None
-                )
-                float_linears = float_layer.linears() if float_layer is not None else {}
-                reference = (float_layer.module, float_hidden) if float_layer is not None else None
                 for group in GROUPS:
-                    hessians = _GroupHessians(
-                        {role: linears[role] for role in group},
-                        device,
-                        reference={role: float_linears[role] for role in group} if reference else None,
-                    )
+                    hessians = _GroupHessians({role: linears[role] for role in group}, device)
                     try:
-                        _run_layer(layer.module, inputs, args, kwargs, device, hessians=hessians,
-                                   reference=reference)
+                        _run_layer(layer.module, inputs, args, kwargs, device, hessians=hessians)
                         for role in group:
                             linear = linears[role]
-                            h = hessians.hessian(role)
-                            weight = linear.weight.data
-                            if reference is not None:
-                                weight = float_target_weight(weight, h, hessians.cross(role), g.damp)
-                            qt = refit_gptq(
-                                weight,
-                                h,
+                            qt = gptq_quantize(
+                                linear.weight.data,
+                                hessians.hessian(role),
                                 spec,
-                                rounds=g.refit_rounds,
                                 block_size=g.block_size,
                                 damp=g.damp,
                                 act_order=g.act_order,
@@ -350,11 +288,6 @@ def quantize_weights_gptq(
                 if index + 1 < n_layers:  # the last layer's outputs feed nothing GPTQ needs
                     _run_layer(layer.module, inputs, args, kwargs, device, outputs=outputs)
                     inputs.hidden, outputs = outputs, inputs.hidden
-                    if float_layer is not None:
-                        _run_layer(float_layer.module, _LayerInputs(float_hidden, (), {}), args, kwargs,
-                                   device, outputs=outputs)
-                        float_hidden, outputs = outputs, float_hidden
-                del float_layer, float_linears, reference
     finally:
         model.train(was_training)
     return {
