@@ -1,5 +1,6 @@
 """GPTQ/RTN rows for issue 4. usage: gptq_exp.py rotation(none|hadamard|FILE) method(rtn|gptq) W A KV [group] [samples]
-prints RESULT with WikiText-2 test (16 x 2048) and C4 (4 x 2048) ppl, GPTQ seconds and peak RSS."""
+prints RESULT with WikiText-2 test (16 x 2048) and C4 (4 x 2048) ppl, GPTQ seconds and peak RSS.
+env: ACT_ORDER=1, W_ASYM=1, W_NOCLIP=1 (plain min-max grid), DAMP=0.01, THREADS=1."""
 import sys, time, torch, copy, os, json, resource
 from spinquant.loading import load_model
 from spinquant.data import load_text, tokenize_windows
@@ -21,9 +22,11 @@ cfg.quant.weight_method = method
 cfg.gptq.samples = samples
 cfg.gptq.act_order = bool(os.environ.get("ACT_ORDER"))
 cfg.quant.weight.symmetric = not os.environ.get("W_ASYM")
+cfg.quant.weight.clip_search = not os.environ.get("W_NOCLIP")
+cfg.gptq.damp = float(os.environ.get("DAMP", "0.01"))
 m = copy.deepcopy(base)
 t = time.time(); rep = quantize_model(m, cfg, tok, progress=False)
 qs = time.time() - t
 res = {k: round(perplexity(m, x, progress=False), 2) for k, x in wins.items()}
-print("RESULT", rot, method, f"W{w}A{a}KV{kv}", f"g{group}", f"samples={samples}", f"act_order={cfg.gptq.act_order}", f"sym={cfg.quant.weight.symmetric}", res, f"quantize {qs:.0f}s",
+print("RESULT", rot, method, f"W{w}A{a}KV{kv}", f"g{group}", f"samples={samples}", f"act_order={cfg.gptq.act_order}", f"sym={cfg.quant.weight.symmetric}", f"clip_search={cfg.quant.weight.clip_search}", f"damp={cfg.gptq.damp}", res, f"quantize {qs:.0f}s",
       f"weights {rep.seconds.get('weights', 0):.0f}s", f"peakRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20:.2f}GB", json.dumps(rep.gptq), flush=True)

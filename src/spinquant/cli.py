@@ -133,7 +133,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--output", help="save the quantized model to this folder")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
     o.add_argument("--tables", choices=TABLE_DTYPES, default="int8",
-                   help="how --output stores the embedding and lm_head (a tied model keeps one table)")
+                   help="how the quantized model stores its embedding and lm_head, in memory as in --output "
+                        "(int8: per row, lm_head input int8 per token; a tied model keeps one table)")
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:

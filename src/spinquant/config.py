@@ -185,7 +185,9 @@ class RunConfig:
     offload: bool = False  # keep the model in CPU memory; decoder layers visit `device` one at a time
     output: str | None = None
     overwrite: bool = False
-    tables: str = "int8"  # saved embedding / lm_head storage: int8 (per row), float16, bfloat16 or float32
+    # Embedding / lm_head storage, applied by quantize_model and kept by the saver: int8 (per row), float16,
+    # bfloat16 or float32.
+    tables: str = "int8"
 
     def validate(self) -> RunConfig:
         if self.device != "auto":
