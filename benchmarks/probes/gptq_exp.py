@@ -1,6 +1,6 @@
 """GPTQ/RTN rows for issue 4. usage: gptq_exp.py rotation(none|hadamard|FILE) method(rtn|gptq) W A KV [group] [samples]
 prints RESULT with WikiText-2 test (16 x 2048) and C4 (4 x 2048) ppl, GPTQ seconds and peak RSS.
-env: ACT_ORDER=1, W_ASYM=1, W_NOCLIP=1 (plain min-max grid), DAMP=0.01, THREADS=1."""
+env: TABLES=float32|int8, ACT_ORDER=1, W_ASYM=1, W_NOCLIP=1 (plain min-max grid), DAMP=0.01, THREADS=1."""
 import sys, time, torch, copy, os, json, resource
 from spinquant.loading import load_model
 from spinquant.data import load_text, tokenize_windows
@@ -19,6 +19,7 @@ else: cfg.rotation.mode = "learned"; cfg.rotation.rotation_file = rot
 cfg.quant.weight.bits, cfg.quant.act.bits, cfg.quant.key.bits, cfg.quant.value.bits = w, a, kv, kv
 cfg.quant.weight.group_size = group
 cfg.quant.weight_method = method
+cfg.tables = os.environ.get("TABLES", "float32")  # float32: comparable with the rows that predate in-memory tables
 cfg.gptq.samples = samples
 cfg.gptq.act_order = bool(os.environ.get("ACT_ORDER"))
 cfg.quant.weight.symmetric = not os.environ.get("W_ASYM")
