@@ -184,15 +184,28 @@ def test_gguf_writes_llama_tensors_and_tokenizer(tmp_path):
     assert np.abs(dequant(ts["blk.0.attn_k.weight"]) - k).max() < 0.01 * np.abs(k).max()
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "F16"])
-def test_gguf_weight_types(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "F16"])
+def test_gguf_weight_types_keep_the_models_own_weights(tmp_path, kind):
+    """Symmetric W4 codes go into Q4_0 / Q8_0 blocks as they are: only the scale is rounded to float16."""
     model, tok = quantized(r3=False, r4=False)
-    _, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type=kind))
+    reader, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type=kind))
     assert ts["blk.0.ffn_up.weight"].tensor_type.name == kind
     assert ts["token_embd.weight"].tensor_type.name == ("F16" if kind == "F16" else "Q8_0")
+    if kind != "F16":
+        assert "codes written as they are" in reader.fields["spinquant.source_weights"].contents()
+    layer = model.model.layers[0]
+    for name, weight in (("ffn_up", layer.mlp.up_proj.weight), ("ffn_down", layer.mlp.down_proj.weight),
+                         ("attn_k", permute_qk(layer.self_attn.k_proj.weight, 2))):
+        w = weight.detach().numpy()
+        assert np.abs(dequant(ts[f"blk.0.{name}.weight"]) - w).max() <= 1e-3 * np.abs(w).max(), name
+
+
+def test_gguf_asymmetric_codes_are_quantized_again(tmp_path):
+    model, tok = quantized(r3=False, r4=False, weight=QuantSpec(bits=4, symmetric=False, clip_search=True))
+    reader, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type="Q4_0"))
+    assert "re-quantized as Q4_0" in reader.fields["spinquant.source_weights"].contents()
     up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
-    tol = 0.2 if kind == "Q4_0" else 1e-3
-    assert np.abs(dequant(ts["blk.0.ffn_up.weight"]) - up).max() < tol * np.abs(up).max()
+    assert np.abs(dequant(ts["blk.0.ffn_up.weight"]) - up).max() < 0.2 * np.abs(up).max()
 
 
 def test_gguf_qwen2_keeps_biases_unpermuted(tmp_path):

@@ -5,9 +5,13 @@ into the weights and need nothing, so a model quantized with `--no-r3 --no-r4` e
 cannot (its inverse sits inside down_proj's weight) and is refused, and so is R3, whose point, a 4-bit K cache
 in the rotated basis, llama.cpp cannot keep.
 
-Weights written are the float weights the spinquant model computes with (dequantized when quantized),
-quantized again block-wise by gguf's Q8_0 / Q4_0 (or stored as F16); the embedding and output tables take
-Q8_0 (F16 for an F16 export), norms F32. Tokenizer metadata comes from the source GGUF when the model was
+Weights: where a linear's own codes fit the GGUF type, they are written as they are: symmetric 4-bit codes
+per channel (or in groups of a multiple of 32) become Q4_0 blocks with the row's scale as the block scale
+(q = code + 8), and symmetric codes of up to 8 bits become Q8_0 blocks the same way. Only the scale is
+rounded (to float16), so llama.cpp computes with spinquant's weights. Anything else (asymmetric codes, float
+weights, other group sizes) is quantized again block-wise by gguf's Q8_0 / Q4_0 from the float weights the
+model computes with, which rounds twice. The embedding and output tables take Q8_0 (F16 for an F16 export),
+norms F32. Tokenizer metadata comes from the source GGUF when the model was
 loaded from one (the built-in SmolLM2 is), else from a byte-level BPE Hugging Face tokenizer.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ import torch
 
 from ..errors import SpinQuantError
 from ..io import atomic_path
+from ..quant.quantizer import QuantizedTensor
 from .source import ExportSource, as_source
 
 WEIGHT_TYPES = ("Q8_0", "Q4_0", "F16")
@@ -213,6 +219,35 @@ def add_hf_tokenizer(w: Any, tokenizer: Any, n_vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------- tensors
 
 
+QK = 32  # values per Q4_0 / Q8_0 block
+
+
+def code_blocks(qt: QuantizedTensor, kind: str) -> np.ndarray | None:
+    """A linear's own integer codes as Q4_0 / Q8_0 blocks (uint8 [rows, bytes], gguf-py's layout), or None
+    when they do not fit that type exactly.
+
+    Q4_0 block: float16 d, then 16 bytes whose low nibbles hold values 0-15 and high nibbles values 16-31,
+    each stored as q + 8; value = (stored - 8)·d. Q8_0 block: float16 d, then 32 int8; value = q·d. With d the
+    codes' own scale, every stored value is the code itself.
+    """
+    codes, scale = qt.codes, qt.scale  # normalized: int16 codes, scale [out, n_groups]
+    rows, cols = codes.shape
+    limit = 4 if kind == "Q4_0" else 8
+    per_group = cols // scale.shape[1]
+    if (kind not in ("Q4_0", "Q8_0") or not qt.symmetric or qt.bits > limit or cols % QK or per_group % QK
+            or bool((qt.zero != 0).any())):
+        return None
+    d = scale.repeat_interleave(per_group // QK, dim=1).numpy().astype(np.float16)  # [rows, blocks]
+    q = codes.numpy().reshape(rows, -1, QK)
+    if kind == "Q4_0":
+        stored = (q + 8).astype(np.uint8)
+        body = stored[..., : QK // 2] | (stored[..., QK // 2 :] << 4)
+    else:
+        body = q.astype(np.int8).view(np.uint8)
+    blocks = np.concatenate([d[..., None].view(np.uint8), body], axis=-1)  # d as 2 little-endian bytes
+    return np.ascontiguousarray(blocks.reshape(rows, -1))
+
+
 def _quantized(gguf: Any, array: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
     """(data, raw ggml type) for a 2-D float array; rows not a multiple of 32 fall back to F16, as llama.cpp does."""
     q = gguf.GGMLQuantizationType
@@ -222,42 +257,66 @@ def _quantized(gguf: Any, array: np.ndarray, kind: str) -> tuple[np.ndarray, Any
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-def gguf_tensors(src: ExportSource, weight_type: str) -> list[tuple[str, np.ndarray, str]]:
-    """(GGUF name, float32 array, storage: "F32" | "table" | "weight") in llama.cpp's names and layout."""
+def gguf_tensors(src: ExportSource, weight_type: str) -> list[tuple[str, np.ndarray, str, QuantizedTensor | None]]:
+    """(GGUF name, float32 array, storage: "F32" | "table" | "weight", the weight's own codes or None) in
+    llama.cpp's names and layout (q/k rows permuted, codes and scales alike)."""
     a = src.adapter
     c = src.config
     n_head = int(c.num_attention_heads)
     n_kv = int(getattr(c, "num_key_value_heads", None) or n_head)
     permute = ARCHITECTURES[src.model_type] == "llama"
-    out: list[tuple[str, np.ndarray, str]] = []
+    out: list[tuple[str, np.ndarray, str, QuantizedTensor | None]] = []
 
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.detach().float().contiguous().numpy()
 
-    out.append(("token_embd.weight", arr(src.tensor(a.embedding)), "table"))
+    def add(name: str, t: torch.Tensor, storage: str, codes: QuantizedTensor | None = None) -> None:
+        out.append((name, arr(t), storage, codes))
+
+    add("token_embd.weight", src.tensor(a.embedding), "table")
     for i in range(src.num_layers):
         prefix = f"{a.layers}.{i}"
-        out.append((f"blk.{i}.attn_norm.weight", arr(src.tensor(f"{prefix}.{a.layer.input_norm}")), "F32"))
-        out.append((f"blk.{i}.ffn_norm.weight", arr(src.tensor(f"{prefix}.{a.layer.post_attention_norm}")), "F32"))
+        add(f"blk.{i}.attn_norm.weight", src.tensor(f"{prefix}.{a.layer.input_norm}"), "F32")
+        add(f"blk.{i}.ffn_norm.weight", src.tensor(f"{prefix}.{a.layer.post_attention_norm}"), "F32")
         for role, name in ROLE_NAMES.items():
             lin = src.linear(i, role)
-            weight, bias = lin.weight, lin.bias
+            weight, bias, qt = lin.weight, lin.bias, lin.quantized
             if permute and role in ("q", "k"):
                 heads = n_head if role == "q" else n_kv
                 weight = permute_qk(weight, heads)
                 bias = permute_qk(bias, heads) if bias is not None else None
-            out.append((f"blk.{i}.{name}.weight", arr(weight), "weight"))
+                if qt is not None:
+                    qt = replace(qt, codes=permute_qk(qt.codes, heads), scale=permute_qk(qt.scale, heads),
+                                 zero=permute_qk(qt.zero, heads))
+            add(f"blk.{i}.{name}.weight", weight, "weight", qt)
             if bias is not None:
-                out.append((f"blk.{i}.{name}.bias", arr(bias), "F32"))
+                add(f"blk.{i}.{name}.bias", bias, "F32")
         for hf, name in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):  # Qwen3
             key = f"{prefix}.{a.layer.attention}.{hf}.weight"
             if key in src.tensors:
-                out.append((f"blk.{i}.{name}.weight", arr(src.tensors[key]), "F32"))
-    out.append(("output_norm.weight", arr(src.tensor(a.final_norm)), "F32"))
-    out.append(("output.weight", arr(src.tensor(a.lm_head)), "table"))
+                add(f"blk.{i}.{name}.weight", src.tensors[key], "F32")
+    add("output_norm.weight", src.tensor(a.final_norm), "F32")
+    add("output.weight", src.tensor(a.lm_head), "table")
     if f"{a.lm_head}.bias" in src.tensors:
-        out.append(("output.bias", arr(src.tensors[f"{a.lm_head}.bias"]), "F32"))
+        add("output.bias", src.tensors[f"{a.lm_head}.bias"], "F32")
     return out
+
+
+def _gguf_data(gguf: Any, src: ExportSource, weight_type: str) -> tuple[list[tuple[str, np.ndarray, Any]], bool]:
+    """(name, data, raw ggml type or None) per tensor, and whether every decoder weight kept its own codes."""
+    table_type = "F16" if weight_type == "F16" else "Q8_0"
+    out, all_codes = [], weight_type != "F16"
+    for name, array, storage, codes in gguf_tensors(src, weight_type):
+        if storage == "F32":
+            out.append((name, array.astype(np.float32), None))
+            continue
+        blocks = code_blocks(codes, weight_type) if codes is not None and weight_type != "F16" else None
+        if blocks is not None:
+            out.append((name, blocks, getattr(gguf.GGMLQuantizationType, weight_type)))
+            continue
+        all_codes = all_codes and storage != "weight"
+        out.append((name, *_quantized(gguf, array, table_type if storage == "table" else weight_type)))
+    return out, all_codes
 
 
 FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "F16": "MOSTLY_F16"}
@@ -287,22 +346,19 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, weight_type: s
         w.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[weight_type])))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("spinquant.rotation", src.rotation)
+        tensors, from_codes = _gguf_data(gguf, src, weight_type)
         s = src.weight
+        how = "codes written as they are" if from_codes else "re-quantized"
         w.add_string("spinquant.source_weights", "float" if not s.enabled else
                      f"W{s.bits} {'sym' if s.symmetric else 'asym'} {s.group_size or 'per-channel'}; "
-                     f"re-quantized as {weight_type}")
+                     f"{how} as {weight_type}")
         rope_freqs = _add_hparams(w, src, arch, n_vocab)
         from_gguf = Path(tokenizer_gguf) if tokenizer_gguf else source_gguf(src.source_name)
         if from_gguf is None or not copy_tokenizer_fields(w, from_gguf, n_vocab):
             if src.tokenizer is None:
                 raise SpinQuantError("no tokenizer to write into the GGUF file; pass the model's tokenizer")
             add_hf_tokenizer(w, src.tokenizer, n_vocab)
-        table_type = "F16" if weight_type == "F16" else "Q8_0"
-        for name, array, storage in gguf_tensors(src, weight_type):
-            if storage == "F32":
-                w.add_tensor(name, array.astype(np.float32))
-                continue
-            data, raw = _quantized(gguf, array, table_type if storage == "table" else weight_type)
+        for name, data, raw in tensors:
             w.add_tensor(name, data, raw_dtype=raw)
         if rope_freqs is not None:
             w.add_tensor("rope_freqs.weight", rope_freqs)
