@@ -25,8 +25,6 @@ from spinquant.runtime.model import module_summary
 from spinquant.runtime.modules import IntLinear, WeightOnlyLinear
 from spinquant.runtime.packing import pack_codes, unpack_codes
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
