@@ -20,7 +20,8 @@ from .quant.quantizer import QuantizedTensor, fake_quantize, integer_order_linea
 ATTN_IMPLEMENTATION = "spinquant"
 __all__ = ["ActQuantizer", "KVQuant", "OnlineHadamard", "QuantLinear", "TableEmbedding", "TableHead",
            "use_spinquant_attention"]
-HEAD_ACT = QuantSpec(bits=8, symmetric=True)  # lm_head's input over an int8 table: per token, as the runtime
+# lm_head's input over an int8 table, per token: one spec for the in-memory TableHead and the runtime's head
+HEAD_ACT = QuantSpec(bits=8, symmetric=True)
 
 
 class ActQuantizer(nn.Module):

@@ -310,7 +310,7 @@ def _gguf_data(gguf: Any, src: ExportSource, weight_type: str) -> tuple[list[tup
         if storage == "F32":
             out.append((name, array.astype(np.float32), None))
             continue
-        blocks = code_blocks(codes, weight_type) if codes is not None and weight_type != "F16" else None
+        blocks = code_blocks(codes, weight_type) if codes is not None else None  # None for F16
         if blocks is not None:
             out.append((name, blocks, getattr(gguf.GGMLQuantizationType, weight_type)))
             continue

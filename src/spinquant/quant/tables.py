@@ -79,9 +79,7 @@ def table_of(module: torch.nn.Module, storage: str) -> torch.Tensor | QuantizedT
 @torch.no_grad()
 def apply_tables(parts: ModelParts, storage: str) -> None:
     """Store the embedding and lm_head in `storage` in the model itself (see the module docstring)."""
-    if storage not in TABLE_STORAGE:
-        raise SpinQuantError(f"table storage {storage!r} is unknown; use one of {', '.join(TABLE_STORAGE)}")
-    head_storage, transform = resolve_head_storage(parts, storage, "auto")
+    head_storage, transform = resolve_head_storage(parts, storage, "auto")  # also refuses unknown storage
     emb = parts.embedding
     table = stored_table(emb.weight, storage)
     values = table.dequantize() if isinstance(table, QuantizedTensor) else table

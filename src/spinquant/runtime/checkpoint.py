@@ -159,9 +159,10 @@ def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path,
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    parts = model_parts(model)
     if embedding is None:
-        embedding = model_storage(model_parts(model))
-    lm_head, head_transform = resolve_head_storage(model_parts(model), embedding, lm_head)
+        embedding = model_storage(parts)
+    lm_head, head_transform = resolve_head_storage(parts, embedding, lm_head)
     section = spinquant_section(model, cfg, embedding, lm_head)
     tensors = collect_tensors(model, embedding, lm_head, head_transform)
     config = model.config.to_dict()

@@ -18,6 +18,7 @@ from ..errors import SpinQuantError
 from ..hadamard import online_hadamard as hadamard
 from ..models import model_parts
 from ..models.base import get_module, set_module
+from ..nn import HEAD_ACT
 from .kvcache import QuantKVCache
 from .modules import FloatLinear, FusedInput, Int8Embedding, IntLinear, WeightOnlyLinear
 from .packing import unpack_codes
@@ -154,7 +155,7 @@ def make_head(prefix: str, tensors: dict, dtype: torch.dtype, head_act_bits: int
         if head_act_bits == 8:
             # W8A8 with a per-token symmetric int8 input: 3-4x faster than float on CPU (the vocab matmul
             # is the largest one in a small model); head_act_bits=16 keeps the input in float.
-            return IntLinear(codes, scale, QuantSpec(bits=8, symmetric=True), bias, dtype=dtype)
+            return IntLinear(codes, scale, HEAD_ACT, bias, dtype=dtype)
         return WeightOnlyLinear(codes, scale, None, None, bias, None, False, "cached", dtype)
     return FloatLinear(tensors.pop(f"{prefix}.weight"), bias, None, False, dtype)
 
