@@ -18,12 +18,12 @@ from spinquant.hadamard import online_hadamard as hadamard
 from spinquant.nn import KVQuant, QuantLinear
 from spinquant.pipeline import quantize_model
 from spinquant.quant.quantizer import fake_quantize, quantize_activation, quantize_weight
-from spinquant.runtime import load_quantized, save_quantized
+from spinquant.runtime import load_quantized, native, save_quantized
 from spinquant.runtime.kernels import _exact_float_mm, int8_matmul
 from spinquant.runtime.kvcache import QuantKVLayer
 from spinquant.runtime.model import module_summary
-from spinquant.runtime.modules import IntLinear, WeightOnlyLinear
-from spinquant.runtime.packing import pack_codes, unpack_codes
+from spinquant.runtime.modules import Int4Linear, IntLinear, WeightOnlyLinear
+from spinquant.runtime.packing import from_block32, pack_codes, to_block32, unpack_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,6 +145,74 @@ def test_int_linear_equals_fake_quant_linear(label, wspec, aspec, r4):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+needs_native = pytest.mark.skipif(not native.available(), reason="the native kernel needs a C++ compiler and AVX2")
+
+
+def test_block32_layout_round_trips_and_matches_q4_0_order():
+    u = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = to_block32(u)
+    assert packed.shape == (3, 32)
+    assert torch.equal(packed[:, 0] & 0x0F, u[:, 0]) and torch.equal(packed[:, 0] >> 4, u[:, 16])
+    assert torch.equal(from_block32(packed), u)
+
+
+@needs_native
+@pytest.mark.parametrize("label,wspec,aspec", [
+    ("W4A8", QuantSpec(4, True, clip_search=True), QuantSpec(8, False, clip_ratio=0.9)),
+    ("W4A8-sym", QuantSpec(4, True), QuantSpec(8, True)),
+    ("W4A4", QuantSpec(4, True, clip_search=True), QuantSpec(4, False, clip_ratio=0.9)),
+    ("W4A4-asym-w", QuantSpec(4, False), QuantSpec(4, False, clip_ratio=0.9)),
+    ("W3A8", QuantSpec(3, True), QuantSpec(8, False)),
+    ("W4g32A8", QuantSpec(4, True, group_size=32), QuantSpec(8, False, clip_ratio=0.9)),
+    ("W4g32A4g32", QuantSpec(4, False, group_size=32), QuantSpec(4, False, group_size=32, clip_ratio=0.9)),
+    ("W4A4g32", QuantSpec(4, True), QuantSpec(4, False, group_size=32, clip_ratio=0.9)),
+])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_packed_int4_kernel_equals_the_int8_kernel_bit_for_bit(label, wspec, aspec, rows):
+    torch.manual_seed(0)
+    w = torch.randn(70, 96) * 0.05  # 70 outputs: tiles of 4 and a remainder
+    _, qt = fake_linear(w, wspec, aspec)
+    centred = qt.codes.to(torch.int16)
+    if not qt.symmetric:
+        zero = qt.zero.reshape(70, -1).to(torch.int16)
+        centred = centred - zero.repeat_interleave(96 // zero.shape[1], dim=-1)
+    bias = torch.randn(70)
+    ref = IntLinear(centred.to(torch.int8), qt.scale, aspec, bias, weight_group=qt.group_size, hadamard=True)
+    group = qt.group_size or aspec.group_size or 96
+    packed = Int4Linear(qt.codes, qt.scale, None if qt.symmetric else qt.zero, wspec, aspec, group, bias,
+                        hadamard=True)
+    x = torch.randn(rows, 96)
+    x[:, 5] *= 30
+    assert torch.equal(packed(x), ref(x))
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 17])
+@pytest.mark.parametrize("act", [QuantSpec(8, True), QuantSpec(8, False, clip_ratio=0.9), QuantSpec(4, False)])
+def test_native_int8_weights_equal_the_int8_matmul(rows, act):
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (50, 64), dtype=torch.int8)
+    lin = IntLinear(w, torch.rand(50) + 0.01, act, torch.randn(50))
+    assert lin.native
+    x = torch.randn(rows, 64)
+    native_out = lin(x)
+    lin.native = False
+    assert torch.equal(native_out, lin(x))
+
+
+@needs_native
+@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_packed_int4_float_activations_equal_the_dequantized_weight(group, symmetric):
+    w = torch.randn(48, 64)
+    spec = QuantSpec(4, symmetric, group_size=group)
+    qt = quantize_weight(w, spec)
+    lin = Int4Linear(qt.codes, qt.scale, None if symmetric else qt.zero, spec, None, group or 64)
+    x = torch.randn(5, 64)
+    ref = x @ qt.dequantize().t()
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", ["cached", "otf", "int4pack"])
 @pytest.mark.parametrize("group", [None, 32])
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -189,8 +257,12 @@ def test_quantized_kv_cache_matches_fake_kv_quant_step_by_step(bits, rotate):
 def test_saved_model_matches_fake_quant_model(tmp_path, w, a, kv, tables):
     model, cfg = quantized_tiny(w=w, a=a, kv=kv, tables=tables)
     loaded, _ = save_load(model, cfg, tmp_path / "q")
-    # fused qkv, o, fused gate/up, down per layer; plus lm_head as W8A8 over an int8 table
-    assert module_summary(loaded)["IntLinear"] == 2 * 4 + (tables == "int8")
+    # fused qkv, o, fused gate/up, down per layer (4-bit ones read packed by the native kernel where it
+    # is built); plus lm_head as W8A8 over an int8 table
+    kinds = module_summary(loaded)
+    packed = 2 * 4 if w == 4 and native.available() else 0
+    assert kinds.get("Int4Linear", 0) == packed
+    assert kinds.get("IntLinear", 0) == 2 * 4 - packed + (tables == "int8")
     ids = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, out = model(ids).logits, loaded(ids).logits

@@ -34,6 +34,10 @@ from .packing import pack_codes
 FORMAT = "spinquant-packed"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+# How ≤4-bit linears run: "native" reads packed codes with the compiled kernel where it applies (the
+# default); "cached" dequantizes weight-only layers once and keeps int8 codes for integer ones; "otf" /
+# "int4pack" are the other weight-only variants of runtime.modules.WeightOnlyLinear.
+WEIGHT_KERNELS = ("native", "cached", "otf", "int4pack")
 
 
 def spec_to_dict(spec: QuantSpec) -> dict:
@@ -147,6 +151,38 @@ def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str
     }
 
 
+def _plain_config(model) -> dict:
+    """config.json's content for a packed model: untied, without the fake-quant attention choice and
+    without a source quantization (GGUF) that the packed weights no longer have."""
+    config = model.config.to_dict()
+    for k in [k for k in config if "attn_implementation" in k or k == "quantization_config"]:
+        config.pop(k)
+    config["tie_word_embeddings"] = False
+    return config
+
+
+def freeze(model, cfg: RunConfig | None = None) -> tuple[torch.nn.Module, int]:
+    """(the packed runtime model, its checkpoint bytes) for a model `pipeline.quantize_model` quantized.
+
+    The same tensors `save_quantized` writes go through the same builder `load_quantized` uses, in memory:
+    evaluating or timing the result is evaluating the saved model, without writing it."""
+    from transformers import AutoConfig
+
+    from .model import build_model
+
+    parts = model_parts(model)
+    embedding = model_storage(parts)
+    lm_head, head_transform = resolve_head_storage(parts, embedding, "auto")
+    section = spinquant_section(model, cfg, embedding, lm_head)
+    tensors = collect_tensors(model, embedding, lm_head, head_transform)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    data = _plain_config(model)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    runtime = build_model(config, tensors, section)
+    runtime.generation_config = model.generation_config
+    return runtime, size
+
+
 def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path, overwrite: bool = False,
                    embedding: str | None = None, lm_head: str = "auto") -> Path:
     """Write the quantized `model` (after `pipeline.quantize_model`) as a packed checkpoint folder.
@@ -165,12 +201,7 @@ def save_quantized(model, tokenizer, cfg: RunConfig | None, out_dir: str | Path,
     lm_head, head_transform = resolve_head_storage(parts, embedding, lm_head)
     section = spinquant_section(model, cfg, embedding, lm_head)
     tensors = collect_tensors(model, embedding, lm_head, head_transform)
-    config = model.config.to_dict()
-    # Not ours to keep: the attention choice of the fake-quant model, and a source quantization (GGUF) that
-    # the packed weights no longer have.
-    for k in [k for k in config if "attn_implementation" in k or k == "quantization_config"]:
-        config.pop(k)
-    config["tie_word_embeddings"] = False
+    config = _plain_config(model)
     with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "spinquant": FORMAT})
         if tokenizer is not None:
@@ -238,7 +269,7 @@ def verify_files(path: Path, files: dict[str, str]) -> None:
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   weight_only: str = "cached", head_act_bits: int = 8, verify: bool = True, fuse: bool = True):
+                   weight_only: str = "native", head_act_bits: int = 8, verify: bool = True, fuse: bool = True):
     """(runtime model, tokenizer) from a folder written by `save_quantized`. Reads JSON and safetensors only."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -254,8 +285,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         raise SpinQuantError(f"{path} has checkpoint format {section.get('format')} "
                              f"v{section.get('format_version')}; this spinquant reads {FORMAT} "
                              f"v{FORMAT_VERSION}: upgrade spinquant or re-save the model")
-    if weight_only not in ("cached", "otf", "int4pack"):
-        raise SpinQuantError(f"weight-only mode {weight_only!r} is unknown; use cached, otf or int4pack")
+    if weight_only not in WEIGHT_KERNELS:
+        raise SpinQuantError(f"weight kernel {weight_only!r} is unknown; use one of {', '.join(WEIGHT_KERNELS)}")
     if verify:
         verify_checkpoint(path, data, section)
     try:

@@ -13,7 +13,24 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..config import QuantSpec
 from ..hadamard import online_hadamard as hadamard
 from ..quant.quantizer import qrange, quantize_activation
+from . import native
 from .packing import pack_unsigned, packs_two_per_byte, unpack_unsigned
+
+
+def _quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Unsigned codes (code - qmin, uint8), scale and zero (float, asymmetric only) per head vector: one
+    native call on the CPU (same codes as the fake quantizer), else the PyTorch formula."""
+    kern = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 and spec.bits <= 8 else None
+    if kern is not None:
+        d = x.shape[-1]
+        u, offset, scale = kern.quantize_rows(x.reshape(-1, d).contiguous(), spec.bits, spec.symmetric,
+                                              spec.clip_ratio, d)
+        lead = x.shape[:-1]
+        zero = None if spec.symmetric else offset.to(torch.float32).reshape(*lead, 1)
+        return u.reshape(x.shape), scale.reshape(*lead, 1), zero
+    q, scale, zero = quantize_activation(x, spec)
+    qmin, _ = qrange(spec.bits, spec.symmetric)
+    return (q.sub_(qmin) if qmin else q).to(torch.uint8), scale, zero
 
 
 class CodeStore:
@@ -48,9 +65,7 @@ class CodeStore:
         if not spec.enabled:
             new = {"data": x}
         else:
-            q, scale, zero = quantize_activation(x, spec)
-            qmin, _ = qrange(spec.bits, spec.symmetric)
-            u = (q.sub_(qmin) if qmin else q).to(torch.uint8)
+            u, scale, zero = _quantize(x, spec)
             new = {"data": pack_unsigned(u, spec.bits), "scale": scale}
             if zero is not None:
                 new["zero"] = zero  # kept in float: saves a conversion on every read

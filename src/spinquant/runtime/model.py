@@ -19,8 +19,17 @@ from ..hadamard import online_hadamard as hadamard
 from ..models import model_parts
 from ..models.base import get_module, set_module
 from ..nn import HEAD_ACT
+from . import native
 from .kvcache import QuantKVCache
-from .modules import FloatLinear, FusedInput, Int8Embedding, IntLinear, WeightOnlyLinear
+from .modules import (
+    FloatLinear,
+    FusedInput,
+    Int4Linear,
+    Int8Embedding,
+    IntLinear,
+    WeightOnlyLinear,
+    int4_kernel_group,
+)
 from .packing import unpack_codes
 
 RUNTIME_ATTENTION = "spinquant_runtime"
@@ -92,6 +101,10 @@ def make_linear(prefix: str, tensors: dict[str, torch.Tensor], weight: QuantSpec
     codes = unpack_codes(packed, weight.bits, weight.symmetric)
     n, k = codes.shape
     group = weight.group_size if weight.group_size not in (None, k) else None
+    kernel_group = int4_kernel_group(k, group, act) if weight.bits <= 4 and dtype == torch.float32 else None
+    if kernel_group and weight_only == "native" and native.available():
+        return Int4Linear(codes, scale, zero, weight, act, kernel_group, bias, hadamard)
+    weight_only = "cached" if weight_only == "native" else weight_only
     if not act.enabled:
         mode = "cached" if weight_only == "int4pack" and weight.bits > 4 else weight_only
         return WeightOnlyLinear(codes, scale, zero, group, bias, None, hadamard, mode, dtype)
@@ -161,7 +174,7 @@ def make_head(prefix: str, tensors: dict, dtype: torch.dtype, head_act_bits: int
 
 
 def build_model(config, tensors: dict[str, torch.Tensor], sq: dict, dtype: torch.dtype = torch.float32,
-                weight_only: str = "cached", head_act_bits: int = 8, fuse: bool = True) -> nn.Module:
+                weight_only: str = "native", head_act_bits: int = 8, fuse: bool = True) -> nn.Module:
     """A runtime model from a transformers config, the saved tensors (consumed) and the `spinquant` section.
 
     fuse: run q/k/v and gate/up as one linear each (same results, fewer ops per token).
@@ -230,7 +243,7 @@ def module_summary(model: nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in model.modules():
         name = type(m).__name__
-        if name in ("IntLinear", "WeightOnlyLinear", "FloatLinear", "Int8Embedding"):
+        if name in ("Int4Linear", "IntLinear", "WeightOnlyLinear", "FloatLinear", "Int8Embedding"):
             counts[name] = counts.get(name, 0) + 1
     return counts
 

@@ -9,7 +9,9 @@ from torch import nn
 from ..config import QuantSpec
 from ..hadamard import online_hadamard as hadamard
 from ..quant.quantizer import fake_quantize, quantize_activation
+from . import native
 from .kernels import centered_codes, int8_matmul
+from .packing import to_block32
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None,
@@ -57,6 +59,12 @@ class IntLinear(nn.Module):
         wsum = self.weight_int.sum(-1, dtype=torch.int32) if needs_sum else None  # [N] or [G, N]
         self.register_buffer("weight_sum", wsum)
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        # Per channel on the CPU: the native kernel, exact, and far faster than torch._int_mm on CPUs without
+        # AVX512-VNNI (benchmarks/RESULTS.md, "W4 kernels"); it needs no weight code at -128.
+        self.native = (not self.group and act.bits <= 8 and dtype == torch.float32 and k % 32 == 0
+                       and (not n or int(weight_int.min()) > -128))
+        if self.native:
+            self.register_buffer("code_sum", self.weight_int.sum(-1, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -71,7 +79,15 @@ class IntLinear(nn.Module):
 
     CHUNK = 1 << 22  # output elements per integer matmul: bounds the int32 result and oneDNN's scratch
 
+
     def _per_channel(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.native and x2.device.type == "cpu":
+            kern = native.kernels()
+            if kern is not None:
+                a = self.act
+                xu, xo, sx = kern.quantize_rows(x2.float().contiguous(), a.bits, a.symmetric, a.clip_ratio,
+                                                self.in_features)
+                return kern.int8_linear(xu, xo, sx, self.weight_int, self.code_sum, self.weight_scale, None)
         rows = max(1, self.CHUNK // self.out_features)
         if x2.shape[0] > rows:  # e.g. a 49152-row lm_head over a long prompt: work in row blocks
             out = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype, device=x2.device)
@@ -109,6 +125,73 @@ class IntLinear(nn.Module):
         a = self.act
         return (f"in={self.in_features}, out={self.out_features}, act=int{a.bits}"
                 f"{'' if a.symmetric else ' asym'} clip={a.clip_ratio}, group={self.group}, r4={self.hadamard}")
+
+
+def int4_kernel_group(k: int, weight_group: int | None, act: QuantSpec | None) -> int | None:
+    """The group size the native int4 kernel would run this layer with, or None where it does not apply
+    (groups not a multiple of 32, weight and activation groups that differ, activations above 8 bits)."""
+    if act is not None and act.enabled and act.bits > 8:
+        return None
+    a_group = act.group_size if act is not None and act.enabled and act.group_size not in (None, k) else None
+    w_group = weight_group if weight_group not in (None, k) else None
+    if a_group and w_group and a_group != w_group:
+        return None
+    group = w_group or a_group or k
+    return group if group % 32 == 0 and k % group == 0 else None
+
+
+class Int4Linear(nn.Module):
+    """Weights of at most 4 bits kept two codes per byte and read directly by the native kernel
+    (runtime/native/int4_linear.cpp): half a byte per weight in memory, one pass over it per call.
+
+    With activation quantization (W4A8, W4A4) the input is quantized per token by `quantize_rows` (the
+    fake quantizer's codes) and multiplied as exact integers, then scaled in IntLinear's order: the same
+    result to the last bit. Without it (W4A16) the input stays in float32.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, weight: QuantSpec,
+                 act: QuantSpec | None, group: int, bias: torch.Tensor | None = None, hadamard: bool = False):
+        super().__init__()
+        n, k = codes.shape
+        self.in_features, self.out_features = k, n
+        self.act = act if act is not None and act.enabled else None
+        self.group = group
+        self.hadamard = hadamard
+        qmin = -(2 ** (weight.bits - 1)) if weight.symmetric else 0
+        u = (codes.to(torch.int16) - qmin).to(torch.uint8)
+        w_groups = scale.reshape(n, -1).shape[1]
+        if zero is None:
+            wz = torch.full((n, w_groups), -qmin, dtype=torch.int32)
+        else:
+            wz = zero.round().to(torch.int32).reshape(n, -1)
+        self.register_buffer("packed", to_block32(u))
+        self.register_buffer("weight_zero", wz.contiguous())
+        self.register_buffer("weight_scale", scale.float().reshape(n, -1).contiguous())
+        self.register_buffer("code_sum", u.to(torch.int32).reshape(n, k // group, group).sum(-1, dtype=torch.int32))
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kern = native.kernels()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.hadamard:
+            x2 = hadamard(x2)
+        x2 = x2.float().contiguous()
+        if self.act is None:
+            y = kern.int4_linear_float(x2, self.packed, self.weight_zero, self.weight_scale, self.bias, self.group)
+        else:
+            a = self.act
+            a_group = a.group_size if a.group_size not in (None, self.in_features) else self.in_features
+            xu, xo, sx = kern.quantize_rows(x2, a.bits, a.symmetric, a.clip_ratio, a_group)
+            y = kern.int4_linear(xu, xo, sx, self.packed, self.weight_zero, self.code_sum, self.weight_scale,
+                                 self.bias, self.group)
+        y = y.reshape(*lead, self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        act = f"int{self.act.bits}" if self.act else "float"
+        return (f"in={self.in_features}, out={self.out_features}, int4 packed, group={self.group}, act={act}, "
+                f"r4={self.hadamard}")
 
 
 class WeightOnlyLinear(nn.Module):

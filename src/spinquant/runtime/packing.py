@@ -58,3 +58,18 @@ def pack_unsigned(u: torch.Tensor, bits: int) -> torch.Tensor:
         return u
     pairs = u.reshape(*u.shape[:-1], u.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def to_block32(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [N, K] (K a multiple of 32) → the native kernel's bytes [N, K/2]: in each block
+    of 32 codes, byte b holds code b (low nibble) and code b + 16 (high nibble), llama.cpp's Q4_0 order."""
+    n, k = u.shape
+    blocks = u.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def from_block32(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_block32`: unsigned codes [N, K] as uint8."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // 16, 1, 16)
+    return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(n, half * 2)

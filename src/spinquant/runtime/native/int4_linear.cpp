@@ -1,0 +1,599 @@
+// 4-bit weights × low-bit activations on x86 CPUs, read directly from two codes per byte.
+//
+// Why C++: PyTorch ships no CPU kernel that multiplies int8 activations by packed int4 weights on AVX2
+// machines. torch._int_mm needs int8 weights (2x the bytes) and is ~5x slower than float at one row;
+// _weight_int4pack_mm_for_cpu runs activations in bf16 at ~3 GB/s; _dyn_quant_matmul_4bit is ARM-only
+// (KleidiAI). Measured in benchmarks/RESULTS.md ("W4 kernels"). This file is the one piece we write by hand.
+//
+// Layout (see runtime/packing.py: to_block32 / from_block32): w is [N, K/2] uint8; in each block of 32
+// codes along K, byte b holds code b in its low nibble and code b + 16 in its high nibble (llama.cpp's
+// Q4_0 order), so one 16-byte load unpacks to 32 codes in their natural order. Codes are unsigned
+// (u = code - qmin, 0..15).
+//
+// Exactness: for every group the kernel forms the exact integer Σ (xu - xo)(u - wz) in int32, then applies
+// the float scales in the same order as the int8 path it replaces (IntLinear), so results are identical
+// to the last bit. Built with -ffp-contract=off so no multiply-add is fused.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// Σ_b xu[b] * u[b] over one block of 32 (xu: 32 bytes, w: 16 packed bytes).
+inline int32_t block_dot_scalar(const uint8_t* x, const uint8_t* w) {
+  int32_t s = 0;
+  for (int b = 0; b < 16; ++b) {
+    s += int32_t(x[b]) * int32_t(w[b] & 0x0F);
+    s += int32_t(x[b + 16]) * int32_t(w[b] >> 4);
+  }
+  return s;
+}
+
+#if defined(__AVX2__)
+inline __m256i unpack_block(const uint8_t* w) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(packed, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+  return _mm256_set_m128i(hi, lo);
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// raw[mi][ni] = Σ over blocks [b0, b1) of xu[m0+mi] · u[n0+ni], for a tile of MT x NT rows.
+template <int MT, int NT>
+inline void tile_dot(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0, int64_t b1,
+                     int32_t raw[MT][NT]) {
+#if defined(__AVX2__)
+  __m256i acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256i wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = unpack_block(w + j * ldw + b * (kBlock / 2));
+    // The next tile's rows: a decode GEMV streams the weights once, so fetch ahead of the prefetcher.
+    if (MT == 1 && (b & 3) == 0)
+      for (int j = 0; j < NT; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (NT + j) * ldw + b * (kBlock / 2)), _MM_HINT_T0);
+    for (int i = 0; i < MT; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + b * kBlock));
+      for (int j = 0; j < NT; ++j) {
+        // u8 activations × u4 weights: pairs sum to at most 2·255·15 < 2^15, so no saturation.
+        const __m256i p16 = _mm256_maddubs_epi16(xv, wv[j]);
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(p16, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) raw[i][j] = hsum(acc[i][j]);
+#else
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) {
+      int32_t s = 0;
+      for (int64_t b = b0; b < b1; ++b) s += block_dot_scalar(x + i * ldx + b * kBlock, w + j * ldw + b * (kBlock / 2));
+      raw[i][j] = s;
+    }
+#endif
+}
+
+struct Problem {
+  int64_t M, N, K, group, G, GA, GW;
+  const uint8_t* xu;   // [M, K]
+  const int32_t* xo;   // [M, GA]
+  const float* sx;     // [M, GA]
+  const int32_t* sumx; // [M, G]   Σ xu per group
+  const uint8_t* w;    // [N, K/2]
+  const int32_t* wz;   // [N, GW]
+  const int32_t* sumu; // [N, G]   Σ u per group
+  const float* sw;     // [N, GW]
+  const float* bias;   // [N] or null
+  float* y;            // [M, N]
+};
+
+template <int MT, int NT>
+void run_tile(const Problem& p, int64_t m0, int64_t n0) {
+  const int64_t blocks_per_group = p.group / kBlock;
+  float yv[MT][NT];
+  int32_t raw[MT][NT];
+  for (int64_t j = 0; j < p.G; ++j) {
+    tile_dot<MT, NT>(p.xu + m0 * p.K, p.K, p.w + n0 * (p.K / 2), p.K / 2, j * blocks_per_group,
+                     (j + 1) * blocks_per_group, raw);
+    const int64_t ja = p.GA > 1 ? j : 0, jw = p.GW > 1 ? j : 0;
+    for (int i = 0; i < MT; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t xo = p.xo[m * p.GA + ja];
+      const int32_t sx_sum = p.sumx[m * p.G + j];
+      const float sx = p.sx[m * p.GA + ja];
+      for (int c = 0; c < NT; ++c) {
+        const int64_t n = n0 + c;
+        const int32_t wz = p.wz[n * p.GW + jw];
+        // Σ (xu - xo)(u - wz) = Σ xu·u - wz·Σxu - xo·Σu + g·xo·wz, exact in int32.
+        const int32_t acc = raw[i][c] - wz * sx_sum - xo * p.sumu[n * p.G + j] + int32_t(p.group) * xo * wz;
+        // The scales in IntLinear's order: (acc · s_x) · s_w per group, summed group by group.
+        float part = float(acc) * sx;
+        if (p.GW > 1) part = part * p.sw[n * p.GW + j];
+        yv[i][c] = (j == 0) ? part : yv[i][c] + part;
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) {
+      const int64_t n = n0 + c;
+      float v = yv[i][c];
+      if (p.GW == 1) v = v * p.sw[n];
+      if (p.bias) v = v + p.bias[n];
+      p.y[(m0 + i) * p.N + n] = v;
+    }
+}
+
+template <int MT>
+void run_rows(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) run_tile<MT, 4>(p, m0, n);
+  for (; n < n_end; ++n) run_tile<MT, 1>(p, m0, n);
+}
+
+}  // namespace
+
+// y [M, N] float32 = Σ_groups ((xu - xo)·(u - wz)) · s_x · s_w (+ bias); see the file comment.
+at::Tensor int4_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w,
+                          at::Tensor wz, at::Tensor sumu, at::Tensor sw, c10::optional<at::Tensor> bias,
+                          int64_t group) {
+  TORCH_CHECK(xu.dtype() == at::kByte && xu.dim() == 2 && xu.is_contiguous(), "xu: contiguous uint8 [M, K]");
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w: contiguous uint8 [N, K/2]");
+  const int64_t M = xu.size(0), K = xu.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) * 2 == K, "w must hold K/2 bytes per row");
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
+  const int64_t G = K / group;
+  TORCH_CHECK(xo.dtype() == at::kInt && xo.is_contiguous() && xo.size(0) == M, "xo: int32 [M, GA]");
+  TORCH_CHECK(sx.dtype() == at::kFloat && sx.is_contiguous() && sx.sizes() == xo.sizes(), "sx: float [M, GA]");
+  TORCH_CHECK(wz.dtype() == at::kInt && wz.is_contiguous() && wz.size(0) == N, "wz: int32 [N, GW]");
+  TORCH_CHECK(sw.dtype() == at::kFloat && sw.is_contiguous() && sw.sizes() == wz.sizes(), "sw: float [N, GW]");
+  TORCH_CHECK(sumu.dtype() == at::kInt && sumu.is_contiguous() && sumu.size(0) == N && sumu.size(1) == G,
+              "sumu: int32 [N, G]");
+  const int64_t GA = xo.size(1), GW = wz.size(1);
+  TORCH_CHECK(GA == 1 || GA == G, "activation groups must be 1 or K/group");
+  TORCH_CHECK(GW == 1 || GW == G, "weight groups must be 1 or K/group");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
+    b = bias->data_ptr<float>();
+  }
+  // Σ xu per row and group: a plain loop (an ATen reduction costs more than the decode GEMV it feeds).
+  auto sumx = at::empty({M, G}, xu.options().dtype(at::kInt));
+  {
+    const uint8_t* xp = xu.data_ptr<uint8_t>();
+    int32_t* sp = sumx.data_ptr<int32_t>();
+    for (int64_t r = 0; r < M * G; ++r) {
+      int32_t acc = 0;
+      for (int64_t k = 0; k < group; ++k) acc += xp[r * group + k];
+      sp[r] = acc;
+    }
+  }
+  auto y = at::empty({M, N}, xu.options().dtype(at::kFloat));
+  Problem p{M, N, K, group, G, GA, GW, xu.data_ptr<uint8_t>(), xo.data_ptr<int32_t>(), sx.data_ptr<float>(),
+            sumx.data_ptr<int32_t>(), w.data_ptr<uint8_t>(), wz.data_ptr<int32_t>(), sumu.data_ptr<int32_t>(),
+            sw.data_ptr<float>(), b, y.data_ptr<float>()};
+  // Threads split the output columns (each reads its own weight rows once); rows of 4 tokens share loads.
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t q0, int64_t q1) {
+    const int64_t n0 = q0 * 4, n1 = std::min(N, q1 * 4);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) run_rows<4>(p, m, n0, n1);
+    for (; m < M; ++m) run_rows<1>(p, m, n0, n1);
+  });
+  return y;
+}
+
+namespace {
+
+// Float activations (W4A16): y = Σ_groups (Σ x·u - wz·Σx) · s_w (+ bias), float32 accumulation.
+template <int MT, int NT>
+void float_tile(const float* x, int64_t K, const uint8_t* w, int64_t group, int64_t G, int64_t GW,
+                const float* sumx, const int32_t* wz, const float* sw, const float* bias, float* y, int64_t N,
+                int64_t m0, int64_t n0) {
+  float out[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) out[i][c] = 0.0f;
+  const int64_t ldw = K / 2, bpg = group / kBlock;
+  for (int64_t j = 0; j < G; ++j) {
+    float dot[MT][NT];
+#if defined(__AVX2__)
+    __m256 acc[MT][NT];
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < NT; ++c) acc[i][c] = _mm256_setzero_ps();
+    for (int64_t b = j * bpg; b < (j + 1) * bpg; ++b) {
+      __m256 wf[NT][4];
+      for (int c = 0; c < NT; ++c) {
+        const __m256i u = unpack_block(w + (n0 + c) * ldw + b * (kBlock / 2));
+        const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+        wf[c][0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        wf[c][1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        wf[c][2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        wf[c][3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      }
+      for (int i = 0; i < MT; ++i) {
+        const float* xp = x + (m0 + i) * K + b * kBlock;
+        for (int q = 0; q < 4; ++q) {
+          const __m256 xv = _mm256_loadu_ps(xp + 8 * q);
+          for (int c = 0; c < NT; ++c) acc[i][c] = _mm256_fmadd_ps(xv, wf[c][q], acc[i][c]);
+        }
+      }
+    }
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < NT; ++c) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][c]), _mm256_extractf128_ps(acc[i][c], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        dot[i][c] = _mm_cvtss_f32(s);
+      }
+#else
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < NT; ++c) {
+        float s = 0.0f;
+        for (int64_t b = j * bpg; b < (j + 1) * bpg; ++b) {
+          const uint8_t* wb = w + (n0 + c) * ldw + b * (kBlock / 2);
+          const float* xb = x + (m0 + i) * K + b * kBlock;
+          for (int t = 0; t < 16; ++t) s += xb[t] * float(wb[t] & 0x0F) + xb[t + 16] * float(wb[t] >> 4);
+        }
+        dot[i][c] = s;
+      }
+#endif
+    const int64_t jw = GW > 1 ? j : 0;
+    for (int i = 0; i < MT; ++i)
+      for (int c = 0; c < NT; ++c) {
+        const int64_t n = n0 + c;
+        const float centred = dot[i][c] - float(wz[n * GW + jw]) * sumx[(m0 + i) * G + j];
+        out[i][c] += GW > 1 ? centred * sw[n * GW + j] : centred;
+      }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) {
+      const int64_t n = n0 + c;
+      float v = GW > 1 ? out[i][c] : out[i][c] * sw[n];
+      if (bias) v += bias[n];
+      y[(m0 + i) * N + n] = v;
+    }
+}
+
+}  // namespace
+
+// y [M, N] = x · ((u - wz) · s_w)ᵀ (+ bias) for float32 x: the weight-only (W4A16) product.
+at::Tensor int4_linear_float(at::Tensor x, at::Tensor w, at::Tensor wz, at::Tensor sw,
+                                c10::optional<at::Tensor> bias, int64_t group) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w: contiguous uint8 [N, K/2]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) * 2 == K, "w must hold K/2 bytes per row");
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && K % group == 0, "group must be a multiple of 32 dividing K");
+  const int64_t G = K / group;
+  TORCH_CHECK(wz.dtype() == at::kInt && wz.is_contiguous() && wz.size(0) == N, "wz: int32 [N, GW]");
+  TORCH_CHECK(sw.dtype() == at::kFloat && sw.is_contiguous() && sw.sizes() == wz.sizes(), "sw: float [N, GW]");
+  const int64_t GW = wz.size(1);
+  TORCH_CHECK(GW == 1 || GW == G, "weight groups must be 1 or K/group");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
+    b = bias->data_ptr<float>();
+  }
+  auto sumx = at::empty({M, G}, x.options());
+  {
+    const float* xp = x.data_ptr<float>();
+    float* sp = sumx.data_ptr<float>();
+    for (int64_t r = 0; r < M * G; ++r) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < group; ++k) acc += xp[r * group + k];
+      sp[r] = acc;
+    }
+  }
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sxp = sumx.data_ptr<float>();
+  const int32_t* zp = wz.data_ptr<int32_t>();
+  const float* swp = sw.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t q0, int64_t q1) {
+    const int64_t n0 = q0 * 4, n1 = std::min(N, q1 * 4);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) float_tile<4, 4>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
+      for (; n < n1; ++n) float_tile<4, 1>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
+    }
+    for (; m < M; ++m) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) float_tile<1, 4>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
+      for (; n < n1; ++n) float_tile<1, 1>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
+    }
+  });
+  return y;
+}
+
+namespace {
+
+// out[i][c] = Σ_k (xu[i][k] - 128) · w[c][k] for int8 weights, 32 at a time with the sign trick (|x| unsigned
+// × w signed by x), exact while no code is -128: |x| ≤ 128 and |w| ≤ 127 keep each pair below 2^15.
+template <int MT, int NT>
+inline void int8_tile(const uint8_t* xu, const int8_t* w, int64_t K, int32_t out[MT][NT]) {
+#if defined(__AVX2__)
+  __m256i acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) acc[i][c] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  for (int64_t k = 0; k < K; k += kBlock) {
+    __m256i wv[NT];
+    for (int c = 0; c < NT; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * K + k));
+    if (MT == 1 && (k & 63) == 0)  // as in tile_dot: fetch the next tile's rows ahead
+      for (int c = 0; c < NT; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + (NT + c) * K + k), _MM_HINT_T0);
+    for (int i = 0; i < MT; ++i) {
+      const __m256i xs = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + i * K + k)), flip);
+      const __m256i ax = _mm256_sign_epi8(xs, xs);
+      for (int c = 0; c < NT; ++c) {
+        const __m256i p16 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[c], xs));
+        acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(p16, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) out[i][c] = hsum(acc[i][c]);
+#else
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += (int32_t(xu[i * K + k]) - 128) * int32_t(w[c * K + k]);
+      out[i][c] = s;
+    }
+#endif
+}
+
+template <int MT, int NT>
+inline void int8_block(const uint8_t* xp, const int32_t* xop, const int8_t* wp, const int32_t* wsp,
+                       const float* sxp, const float* swp, const float* b, float* yp, int64_t K, int64_t N,
+                       int64_t m, int64_t n) {
+  int32_t acc[MT][NT];
+  int8_tile<MT, NT>(xp + m * K, wp + n * K, K, acc);
+  for (int i = 0; i < MT; ++i)
+    for (int c = 0; c < NT; ++c) {
+      // Σ (xu - xo)·w = Σ (xu - 128)·w + (128 - xo)·Σw, exact in int32.
+      const int32_t exact = acc[i][c] + (128 - xop[m + i]) * wsp[n + c];
+      float v = float(exact) * sxp[m + i];
+      v = v * swp[n + c];
+      if (b) v = v + b[n + c];
+      yp[(m + i) * N + n + c] = v;
+    }
+}
+
+}  // namespace
+
+// y [M, N] = (Σ (xu - xo)·w) · s_x · s_w (+ bias): activation codes of ≤ 8 bits × int8 weights per channel
+// (W8A8 layers, the lm_head over the embedding table), in IntLinear's float order.
+at::Tensor int8_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w,
+                          at::Tensor wsum, at::Tensor sw, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(xu.dtype() == at::kByte && xu.dim() == 2 && xu.is_contiguous(), "xu: contiguous uint8 [M, K]");
+  TORCH_CHECK(w.dtype() == at::kChar && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  const int64_t M = xu.size(0), K = xu.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % kBlock == 0, "w must be [N, K] with K a multiple of 32");
+  TORCH_CHECK(sx.dtype() == at::kFloat && sx.numel() == M && sx.is_contiguous(), "sx: float [M]");
+  TORCH_CHECK(xo.dtype() == at::kInt && xo.numel() == M && xo.is_contiguous(), "xo: int32 [M]");
+  TORCH_CHECK(wsum.dtype() == at::kInt && wsum.numel() == N && wsum.is_contiguous(), "wsum: int32 [N]");
+  TORCH_CHECK(sw.dtype() == at::kFloat && sw.numel() == N && sw.is_contiguous(), "sw: float [N]");
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
+    b = bias->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, sx.options());
+  const uint8_t* xp = xu.data_ptr<uint8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const int32_t* xop = xo.data_ptr<int32_t>();
+  const int32_t* wsp = wsum.data_ptr<int32_t>();
+  const float* sxp = sx.data_ptr<float>();
+  const float* swp = sw.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t q0, int64_t q1) {
+    const int64_t n0 = q0 * 4, n1 = std::min(N, q1 * 4);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) int8_block<4, 4>(xp, xop, wp, wsp, sxp, swp, b, yp, K, N, m, n);
+      for (; n < n1; ++n) int8_block<4, 1>(xp, xop, wp, wsp, sxp, swp, b, yp, K, N, m, n);
+    }
+    for (; m < M; ++m) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) int8_block<1, 4>(xp, xop, wp, wsp, sxp, swp, b, yp, K, N, m, n);
+      for (; n < n1; ++n) int8_block<1, 1>(xp, xop, wp, wsp, sxp, swp, b, yp, K, N, m, n);
+    }
+  });
+  return y;
+}
+
+// Per-row (or per-group) dynamic quantization with the float operations of quant.quantizer.quantize_activation,
+// so the codes are the ones the fake-quant model computes. Returns (xu uint8 = code - qmin, xo int32 = the
+// zero point in the same units, scale float32), offsets and scales shaped [M, G].
+std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t bits, bool symmetric, double clip, int64_t group) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be 2..8");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
+  const int64_t G = K / group;
+  const int32_t qmin = symmetric ? -(1 << (bits - 1)) : 0;
+  const int32_t qmax = symmetric ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+  const float clipf = float(clip);
+  const bool clipped = clip != 1.0;
+  const float floor = 1e-8f;  // _scale_floor for float32
+  const float tiny = std::numeric_limits<float>::min();
+  auto xu = at::empty({M, K}, x.options().dtype(at::kByte));
+  auto xo = at::empty({M, G}, x.options().dtype(at::kInt));
+  auto sx = at::empty({M, G}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* up = xu.data_ptr<uint8_t>();
+  int32_t* op = xo.data_ptr<int32_t>();
+  float* sp = sx.data_ptr<float>();
+  at::parallel_for(0, M * G, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* v = xp + r * group;
+      uint8_t* u = up + r * group;
+      float lo = v[0], hi = v[0];
+      for (int64_t k = 1; k < group; ++k) {
+        lo = std::min(lo, v[k]);
+        hi = std::max(hi, v[k]);
+      }
+      float scale, zero = 0.0f;
+      if (symmetric) {
+        float amax = std::max(-lo, hi);
+        if (clipped) amax = amax * clipf;
+        scale = amax / float(qmax);
+        scale = std::max(scale, floor);
+      } else {
+        lo = std::min(lo, 0.0f);
+        hi = std::max(hi, 0.0f);
+        if (clipped) {
+          lo = lo * clipf;
+          hi = hi * clipf;
+        }
+        scale = (hi - lo) / float(qmax);
+        zero = std::nearbyint(-lo / std::max(scale, tiny));
+        scale = std::max(scale, floor);
+      }
+      for (int64_t k = 0; k < group; ++k) {
+        float q = std::nearbyint(v[k] / scale) + zero;
+        q = std::min(std::max(q, float(qmin)), float(qmax));
+        u[k] = uint8_t(int32_t(q) - qmin);
+      }
+      op[r] = int32_t(zero) - qmin;
+      sp[r] = scale;
+    }
+  });
+  return {xu, xo, sx};
+}
+
+namespace {
+
+// One cached vector (head_dim values) as floats: codes (packed two per byte at ≤ 4 bits, pairs in order)
+// → (u + qmin - zero) · scale, the formula of CodeStore.read; or a float row as it is.
+inline void cached_row(const at::Tensor& codes, const float* scale, const float* zero, int64_t row, int64_t D,
+                       int64_t bits, int32_t qmin, float* out) {
+  if (codes.scalar_type() == at::kFloat) {
+    const float* src = codes.data_ptr<float>() + row * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = src[d];
+    return;
+  }
+  const float s = scale[row], z = zero ? zero[row] : 0.0f;
+  if (bits <= 4) {
+    const uint8_t* src = codes.data_ptr<uint8_t>() + row * (D / 2);
+    for (int64_t d = 0; d < D / 2; ++d) {
+      out[2 * d] = (float(src[d] & 0x0F) + float(qmin) - z) * s;
+      out[2 * d + 1] = (float(src[d] >> 4) + float(qmin) - z) * s;
+    }
+  } else {
+    const uint8_t* src = codes.data_ptr<uint8_t>() + row * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = (float(src[d]) + float(qmin) - z) * s;
+  }
+}
+
+}  // namespace
+
+// Attention of one query token over cached positions 0 .. position: q [H, D] float32; K/V caches
+// [Hkv, T, D or D/2] (uint8 codes, or float32 when not quantized) with scale / zero [Hkv, T, 1] (zero may be
+// empty: symmetric). Grouped-query heads share their KV head. Reads only what is cached: cost ∝ length.
+at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor k_scale, at::Tensor k_zero, int64_t k_bits,
+                            bool k_sym, at::Tensor v, at::Tensor v_scale, at::Tensor v_zero, int64_t v_bits,
+                            bool v_sym, at::Tensor position, double scaling) {
+  const int64_t length = position.item<int64_t>() + 1;  // a tensor, so a compiled caller is not specialised on it
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 2 && q.is_contiguous(), "q: contiguous float [H, D]");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 3 && v.dim() == 3, "caches: [Hkv, T, *]");
+  const int64_t H = q.size(0), D = q.size(1), Hkv = k.size(0), T = k.size(1);
+  TORCH_CHECK(H % Hkv == 0 && length > 0 && length <= T, "bad head counts or length");
+  auto check = [&](const at::Tensor& t) {
+    TORCH_CHECK(!t.defined() || t.numel() == 0 || (t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                t.numel() == Hkv * T), "scales / zeros: contiguous float [Hkv, T, 1]");
+  };
+  check(k_scale); check(k_zero); check(v_scale); check(v_zero);
+  auto ptr = [](const at::Tensor& t) -> const float* {
+    return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr;
+  };
+  const float *ks = ptr(k_scale), *kz = ptr(k_zero), *vs = ptr(v_scale), *vz = ptr(v_zero);
+  const int32_t kq = k_sym ? -(1 << (k_bits - 1)) : 0, vq = v_sym ? -(1 << (v_bits - 1)) : 0;
+  auto out = at::zeros({H, D}, q.options());
+  const int64_t group = H / Hkv;
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> row(D), scores(group * length);
+    for (int64_t kv = h0; kv < h1; ++kv) {
+      for (int64_t t = 0; t < length; ++t) {
+        cached_row(k, ks, kz, kv * T + t, D, k_bits, kq, row.data());
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qh = qp + (kv * group + g) * D;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < D; ++d) dot += qh[d] * row[d];
+          scores[g * length + t] = dot * float(scaling);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = scores.data() + g * length;
+        float mx = sc[0];
+        for (int64_t t = 1; t < length; ++t) mx = std::max(mx, sc[t]);
+        float sum = 0.0f;
+        for (int64_t t = 0; t < length; ++t) {
+          sc[t] = std::exp(sc[t] - mx);
+          sum += sc[t];
+        }
+        for (int64_t t = 0; t < length; ++t) sc[t] /= sum;
+      }
+      for (int64_t t = 0; t < length; ++t) {
+        cached_row(v, vs, vz, kv * T + t, D, v_bits, vq, row.data());
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * length + t];
+          float* oh = op + (kv * group + g) * D;
+          for (int64_t d = 0; d < D; ++d) oh[d] += p * row[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_op(at::Tensor x, int64_t bits, bool symmetric,
+                                                                       double clip, int64_t group) {
+  auto out = quantize_rows(x, bits, symmetric, clip, group);
+  return {out[0], out[1], out[2]};
+}
+
+// Registered with the dispatcher (torch.ops.spinquant.*) so that calls from eager code and from
+// torch.compile'd graphs go straight to C++; shape functions for tracing are in native/__init__.py.
+TORCH_LIBRARY(spinquant, m) {
+  m.def("quantize_rows(Tensor x, int bits, bool symmetric, float clip, int group) -> (Tensor, Tensor, Tensor)");
+  m.def("int4_linear(Tensor xu, Tensor xo, Tensor sx, Tensor w, Tensor wz, Tensor sumu, Tensor sw, Tensor? bias, "
+        "int group) -> Tensor");
+  m.def("int4_linear_float(Tensor x, Tensor w, Tensor wz, Tensor sw, Tensor? bias, int group) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor k_scale, Tensor k_zero, int k_bits, bool k_sym, Tensor v, "
+        "Tensor v_scale, Tensor v_zero, int v_bits, bool v_sym, Tensor position, float scaling) -> Tensor");
+  m.def("int8_linear(Tensor xu, Tensor xo, Tensor sx, Tensor w, Tensor wsum, Tensor sw, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(spinquant, CPU, m) {
+  m.impl("quantize_rows", &quantize_rows_op);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_linear_float", &int4_linear_float);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("decode_attention", &decode_attention);
+}
