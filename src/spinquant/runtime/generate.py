@@ -28,7 +28,8 @@ def _sampling(tokenizer, max_new_tokens: int, temperature: float) -> dict:
 
 
 def _generate(model, tokenizer, input_ids: torch.Tensor, kwargs: dict, out: TextIO | None) -> tuple[str, int, float]:
-    """(new text, new token count, seconds); streams the text to `out` when given."""
+    """(new text, new token count, seconds); streams the text to `out` when given. A packed model decodes
+    with its own step (runtime/decode.py) where that applies, else with transformers' generate."""
     streamer = None
     if out is not None:
         from transformers import TextStreamer
@@ -39,14 +40,36 @@ def _generate(model, tokenizer, input_ids: torch.Tensor, kwargs: dict, out: Text
                 out.flush()
 
         streamer = _To(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    from .decode import engine_for
+
+    engine = engine_for(model) if input_ids.shape[0] == 1 else None
     device = next(model.parameters(), torch.empty(0)).device
     input_ids = input_ids.to(device)
     t = time.perf_counter()
     with torch.inference_mode():
-        ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+        if engine is not None:
+            on_token = None
+            if streamer is not None:
+                streamer.put(input_ids.cpu())  # the prompt, which the streamer skips, as generate() sends it
+                on_token = lambda token: streamer.put(torch.tensor([token]))
+            new = torch.tensor(engine.generate(input_ids, kwargs["max_new_tokens"], kwargs.get("temperature") or 0.0,
+                                               _eos_ids(model, tokenizer), on_token), dtype=torch.long)
+            if streamer is not None:
+                streamer.end()
+        else:
+            ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+            new = ids[0, input_ids.shape[1]:]
     seconds = time.perf_counter() - t
-    new = ids[0, input_ids.shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
