@@ -51,6 +51,12 @@ def test_eval_and_compare(tiny_dir, files, capsys, tmp_path):
     assert [r["method"] for r in rows] == ["fp", "rtn", "hadamard"]
     assert rows[0]["ppl"] == pytest.approx(fp)
     assert "| hadamard | W4A4KV4 |" in md.read_text()
+    # Inference cost on every row, measured in the same run: the packed rows are smaller than FP.
+    costs = {r["method"]: r["cost"] for r in rows}
+    for c in costs.values():
+        assert c["prefill_tok_s"] > 0 and c["decode_tok_s"] > 0 and c["memory_bytes"] > 0
+    assert costs["hadamard"]["size_bytes"] < costs["fp"]["size_bytes"]
+    assert "decode tok/s" in md.read_text()
 
 
 def test_learned_rotation_via_cli_saves_and_reuses(tiny_dir, files, capsys, tmp_path):

@@ -138,8 +138,11 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
     if report.train:
         result["train"] = report.train
     if windows is not None:
-        with evaluating(model, cfg) as device:
-            result["ppl"] = perplexity(model, windows, batch_size=cfg.eval.batch_size, device=device)
+        # On the CPU the packed runtime model is what gets evaluated: the modules a saved copy runs.
+        runner = runtime_model(model, cfg)[0] if model_device(cfg) == "cpu" else model
+        with evaluating(runner, cfg) as device:
+            result["ppl"] = perplexity(runner, windows, batch_size=cfg.eval.batch_size, device=device)
+        del runner
         console.print(f"{cfg.model}  {cfg.quant.label} {cfg.quant.weight_method.upper()} rotation={cfg.rotation.mode}"
                       f"  {cfg.eval.data} ppl = [bold]{result['ppl']:.2f}[/]")
     if cfg.output:
@@ -172,8 +175,13 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     raise SpinQuantError(f"unknown method {method!r}; use fp, rtn, hadamard, random or learned")
 
 
-def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None, plot: str | None = None) -> dict:
-    """plot: also write a PNG chart there, and the Markdown table beside it (same name, .md) unless `markdown`."""
+def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None, plot: str | None = None,
+                cost: dict | None = None) -> dict:
+    """plot: also write a PNG chart there, and the Markdown table beside it (same name, .md) unless `markdown`.
+
+    cost: measure each row's inference cost (runtime/cost.py) with these keyword arguments of `cost.measure`
+    (prompt_len, decode_tokens, threads), or {} for its defaults; None skips it. Quantized rows are evaluated
+    and timed as their packed runtime model (what a saved copy runs), the FP row as the float model."""
     from pathlib import Path
 
     from .io import check_writable
@@ -193,8 +201,10 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
         mcfg = method_config(cfg, method)
         model = copy.deepcopy(base)
         t = time.perf_counter()
+        size = None
         if method != "fp":
             quantize(model, tokenizer, mcfg)
+            model, size = runtime_model(model, mcfg)
         seconds = time.perf_counter() - t
         with evaluating(model, cfg) as device:
             ppl = perplexity(model, windows, batch_size=cfg.eval.batch_size, device=device)
@@ -205,8 +215,21 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
             tasks = run_tasks(cfg, model, tokenizer)
         if tasks is not None:
             rows[-1]["tasks"] = tasks
+        if cost is not None and not cfg.offload:
+            from .runtime.cost import float_checkpoint_bytes, measure
+
+            size = size if size is not None else float_checkpoint_bytes(model)
+            rows[-1]["cost"] = measure(model, size, **cost).to_dict()
         del model
-    from .plot import accuracy_cells, accuracy_headers, plot_comparison, task_names, write_markdown
+    from .plot import (
+        accuracy_cells,
+        accuracy_headers,
+        cost_cells,
+        cost_headers,
+        plot_comparison,
+        task_names,
+        write_markdown,
+    )
 
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     title = f"{cfg.model} — {cfg.eval.data}, {len(windows)}×{cfg.eval.seq_len} tokens"
@@ -221,6 +244,16 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
         table.add_row(r["method"], r["quant"], r["weights"], f"{r['ppl']:.2f}", rel, f"{r['quantize_seconds']:.0f}",
                       *accuracy_cells(r, names))
     console.print(table)
+    if any("cost" in r for r in rows):  # a second table, so each fits a terminal
+        c = next(r["cost"] for r in rows if "cost" in r)
+        speed = f"{c['threads']} thread(s), prompt {c['prompt_len']}, decode {c['decode_tokens']}, batch 1"
+        title += f"; speed: {speed}"
+        table = Table(title=f"inference cost ({speed})")
+        for col in ("method", "bits", "perplexity", *cost_headers()):
+            table.add_column(col, justify="left" if col in ("method", "bits") else "right")
+        for r in rows:
+            table.add_row(r["method"], r["quant"], f"{r['ppl']:.2f}", *cost_cells(r))
+        console.print(table)
     result = {"model": cfg.model, "eval_data": cfg.eval.data, "rows": rows}
     if markdown:
         result["markdown"] = str(write_markdown(rows, markdown, title, overwrite=cfg.overwrite))
@@ -228,6 +261,16 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
         result["plot"] = str(plot_comparison(rows, plot, title, overwrite=cfg.overwrite))
         console.print(f"wrote {result['plot']} and {result['markdown']}")
     return result
+
+
+def runtime_model(model, cfg: RunConfig):
+    """(the packed runtime model, checkpoint bytes) of a quantized model, or (model, None) where it stays in
+    fake quantization (--offload: layers stream to the device; the runtime model runs on the CPU only)."""
+    if cfg.offload:
+        return model, None
+    from .runtime.checkpoint import freeze
+
+    return freeze(model, cfg)
 
 
 def run_export(source: str, request) -> dict:

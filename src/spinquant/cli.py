@@ -226,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="fp,rtn,hadamard",
                    help="comma list of fp, rtn (no rotation), hadamard, random, learned")
     c.add_argument("--markdown", help="also write the table as Markdown to this file")
-    c.add_argument("--plot", help="also write a PNG chart (perplexity, log scale; accuracy with --tasks) to this "
-                                  "file, and the Markdown table beside it")
+    c.add_argument("--plot", help="also write a PNG chart (perplexity, log scale; accuracy with --tasks; speed "
+                                  "against size) to this file, and the Markdown table beside it")
+    c.add_argument("--no-cost", action="store_true",
+                   help="skip the inference-cost columns (size, peak memory, prefill and decode tokens/s)")
+    c.add_argument("--cost-prompt", type=_positive, default=128, help="prompt tokens timed for prefill (default 128)")
+    c.add_argument("--cost-decode", type=_positive, default=32, help="tokens timed for decode (default 32)")
 
     x = sub.add_parser("export", help="write a folder saved by quantize --output as compressed-tensors or GGUF")
     x.add_argument("model", metavar="SRC", help="quantized model folder from spinquant quantize --output")
@@ -287,7 +291,8 @@ def _chat(cfg: RunConfig, args) -> dict:
 
 def _compare(cfg: RunConfig, args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    return api.run_compare(cfg, methods, markdown=args.markdown, plot=args.plot)
+    cost = None if args.no_cost else {"prompt_len": args.cost_prompt, "decode_tokens": args.cost_decode}
+    return api.run_compare(cfg, methods, markdown=args.markdown, plot=args.plot, cost=cost)
 
 
 def _export(cfg: RunConfig, args) -> dict:

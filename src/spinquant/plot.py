@@ -1,8 +1,9 @@
 """A comparison people can look at: the Markdown table and a PNG chart of `spinquant compare` rows.
 
-Rows are the dicts `api.run_compare` builds: method, quant, weights, ppl, and `tasks` ({task: {acc, acc_norm,
-n}}) when zero-shot tasks ran. The chart has perplexity per method (log scale: RTN at W4A4 is thousands,
-a rotation brings it to tens) and, with tasks, accuracy per task per method.
+Rows are the dicts `api.run_compare` builds: method, quant, weights, ppl, `tasks` ({task: {acc, acc_norm,
+n}}) when zero-shot tasks ran, and `cost` (runtime/cost.py: size, memory, prefill / decode tokens/s) when
+measured. The chart has perplexity per method (log scale: RTN at W4A4 is thousands, a rotation brings it
+to tens), with tasks accuracy per task per method, and with cost decode speed against checkpoint size.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ def accuracy_headers(tasks: list[str]) -> list[str]:
     return [f"{t} {main_metric(t)}" for t in tasks] + (["avg"] if tasks else [])
 
 
+COST_COLUMNS = (("size MiB", "size_bytes"), ("memory MiB", "memory_bytes"), ("prefill tok/s", "prefill_tok_s"),
+                ("decode tok/s", "decode_tok_s"))
+
+
+def cost_headers() -> list[str]:
+    return [name for name, _ in COST_COLUMNS]
+
+
+def cost_cells(row: dict) -> list[str]:
+    """Checkpoint size, peak memory (MiB), prefill and decode tokens/s; '-' for a row not measured."""
+    c = row.get("cost")
+    if not c:
+        return ["-"] * len(COST_COLUMNS)
+    return [f"{c[key] / 2**20:.1f}" if key.endswith("bytes") else f"{c[key]:.1f}" for _, key in COST_COLUMNS]
+
+
 def _ratio(ppl: float, fp: float | None) -> str:
     return f"{ppl / fp:.2f}×" if fp and math.isfinite(ppl) else "-"
 
@@ -45,12 +62,14 @@ def comparison_markdown(rows: list[dict], title: str | None = None) -> str:
     """The comparison as a Markdown table (accuracy columns in percent when tasks ran)."""
     tasks = task_names(rows)
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
-    head = ["method", "bits", "weights", "perplexity", "vs FP", *accuracy_headers(tasks)]
+    with_cost = any("cost" in r for r in rows)
+    head = ["method", "bits", "weights", "perplexity", "vs FP", *accuracy_headers(tasks),
+            *(cost_headers() if with_cost else ())]
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["quant"], r["weights"], f"{r['ppl']:.2f}", _ratio(r["ppl"], fp),
-                 *accuracy_cells(r, tasks)]
+                 *accuracy_cells(r, tasks), *(cost_cells(r) if with_cost else ())]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -77,7 +96,9 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str | None = None
     tasks = task_names(rows)
     labels = [f"{r['method']}\n{r['quant']}" for r in rows]
     colors = plt.get_cmap("tab10").colors
-    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 4.2), squeeze=False)
+    with_cost = any("cost" in r for r in rows)
+    panels = 1 + bool(tasks) + with_cost
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
     ax = axes[0][0]
     ppl = [r["ppl"] for r in rows]
     bars = ax.bar(range(len(rows)), ppl, color=[colors[i % len(colors)] for i in range(len(rows))])
@@ -104,8 +125,23 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str | None = None
         ax.set_ylim(0, 100)
         ax.set_title("zero-shot accuracy")
         ax.legend(fontsize=8)
+    if with_cost:  # speed against size: where each method lands on what it costs to run
+        ax = axes[0][panels - 1]
+        for i, r in enumerate(rows):
+            c = r.get("cost")
+            if not c:
+                continue
+            ax.scatter(c["size_bytes"] / 2**20, c["decode_tok_s"], s=60, color=colors[i % len(colors)], label=r["method"])
+            ax.annotate(f"{r['method']} {r['quant']}\nppl {r['ppl']:.1f}, prefill {c['prefill_tok_s']:.0f}/s",
+                        (c["size_bytes"] / 2**20, c["decode_tok_s"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xlabel("checkpoint size (MiB)")
+        ax.set_ylabel("decode tokens/s (higher is better)")
+        ax.set_title("inference cost")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
