@@ -27,8 +27,9 @@ CONFIGS: dict[str, tuple[int, int, int] | None] = {
     "w8a8": (8, 8, 8), "w4a8": (4, 8, 8), "w4a16": (4, 16, 16), "w4a4": (4, 4, 4),
 }
 # W4A16 runtime variants: same checkpoint, another weight-only kernel (see runtime.modules.WeightOnlyLinear)
-VARIANTS = {"w4a16-otf": ("w4a16", "otf"), "w4a16-int4": ("w4a16", "int4pack")}
-DEFAULT_CONFIGS = "fp32,bf16,w8a8,w4a8,w4a16,w4a16-int4"
+VARIANTS = {"w4a16-otf": ("w4a16", "otf"), "w4a16-int4": ("w4a16", "int4pack"), "w4a16-cached": ("w4a16", "cached"),
+            "w4a8-cached": ("w4a8", "cached")}
+DEFAULT_CONFIGS = "fp32,bf16,w8a8,w4a8,w4a4,w4a16"
 
 
 def checkpoint_of(name: str) -> str:
@@ -101,7 +102,7 @@ def prepare(names: list[str], workdir: Path, model_name: str, rebuild: bool) -> 
 
 
 def child(name: str, path: Path, prompt_len: int, decode_tokens: int, repeats: int, threads: int,
-          weight_only: str) -> dict:
+          weight_only: str, decode_step: bool = True, compile_step: bool = False) -> dict:
     """Runs in its own process: load, prefill, decode; report speeds and peak RSS."""
     import torch
 
@@ -129,10 +130,21 @@ def child(name: str, path: Path, prompt_len: int, decode_tokens: int, repeats: i
 
     def run_prefill() -> float:
         t0 = time.perf_counter()
-        model(prompt, cache=new_cache(), use_cache=True)
+        # Logits of the last position only, as generation (and llama-bench's prompt test) needs.
+        model(prompt, cache=new_cache(), use_cache=True, logits_to_keep=1)
         return time.perf_counter() - t0
 
+    from spinquant.runtime.decode import engine_for
+
+    engine = engine_for(model, compile=compile_step) if decode_step and hasattr(model, "spinquant_kv") else None
+
     def run_decode() -> float:
+        if engine is not None:  # the packed model's own decode step, as `spinquant generate` runs it
+            logits = engine.begin(prompt[:, :32], 32 + decode_tokens)
+            t0 = time.perf_counter()
+            for i in range(decode_tokens):
+                logits = engine.forward_token(int(logits.argmax()), 32 + i)
+            return time.perf_counter() - t0
         out = model(prompt[:, :32], cache=new_cache(), use_cache=True)
         cache = out.cache
         tok = out.logits[:, -1:].argmax(-1)
@@ -164,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens timed in the decode loop (batch 1)")
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child (the CPU may be shared)")
-    p.add_argument("--weight-only", choices=("cached", "otf", "int4pack"), default="cached",
-                   help="kernel of the plain w4a16 config: dequantize once at load (cached), on every call "
-                        "(otf), or torch's packed int4 CPU kernel in bf16 (int4pack); w4a16-otf / w4a16-int4 "
-                        "pick one per row")
+    p.add_argument("--weight-only", choices=("native", "cached", "otf", "int4pack"), default="native",
+                   help="kernel of the 4-bit configs: packed codes read by the native kernel (native), int8 "
+                        "codes / weights dequantized once at load (cached), on every call (otf), or torch's "
+                        "packed int4 CPU kernel in bf16 (int4pack); the *-cached / *-otf / *-int4 rows pick one")
+    p.add_argument("--decode", choices=("step", "compiled", "hf"), default="step",
+                   help="decode loop of the packed models: their own step (runtime/decode.py, what `spinquant "
+                        "generate` runs), the same step under torch.compile, or the transformers forward")
     p.add_argument("--rebuild", action="store_true", help="re-quantize and re-save every checkpoint")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoints, measure nothing")
@@ -177,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.child:
         row = child(a.child, workdir / checkpoint_of(a.child), a.prompt_len, a.decode_tokens, a.repeats, a.threads,
-                    a.weight_only)
+                    a.weight_only, a.decode != "hf", a.decode == "compiled")
+        row["decode_loop"] = a.decode if CONFIGS.get(checkpoint_of(a.child)) is not None else "hf"
         print("RESULT " + json.dumps(row))
         return 0
 
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--workdir", str(workdir), "--prompt-len",
                str(a.prompt_len), "--decode-tokens", str(a.decode_tokens), "--repeats", str(a.repeats),
-               "--threads", str(a.threads), "--weight-only", a.weight_only]
+               "--threads", str(a.threads), "--weight-only", a.weight_only, "--decode", a.decode]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -1,4 +1,6 @@
-// 4-bit weights × low-bit activations on x86 CPUs, read directly from two codes per byte.
+// The runtime's native CPU kernels: 4-bit weights read directly from two codes per byte (int4_linear,
+// int4_linear_float), int8 weights (int8_linear), the dynamic activation / KV quantizer (quantize_rows), and
+// one query token's attention over the quantized KV cache (decode_attention).
 //
 // Why C++: PyTorch ships no CPU kernel that multiplies int8 activations by packed int4 weights on AVX2
 // machines. torch._int_mm needs int8 weights (2x the bytes) and is ~5x slower than float at one row;
