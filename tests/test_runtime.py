@@ -511,3 +511,16 @@ def test_deepcopy_of_loaded_model_still_runs(tmp_path):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(clone(ids).logits, loaded(ids).logits)
+
+
+def test_without_the_native_kernel_the_pytorch_path_computes_the_same(tmp_path, monkeypatch):
+    model, cfg = quantized_tiny(w=4, a=4, kv=4)
+    fast, _ = save_load(model, cfg, tmp_path / "q")
+    ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = fast(ids).logits
+    monkeypatch.setitem(native._state, "module", None)  # as on a machine without a compiler or AVX2
+    plain, _ = load_quantized(tmp_path / "q")
+    assert "Int4Linear" not in module_summary(plain)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, expected)
