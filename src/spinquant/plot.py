@@ -138,8 +138,10 @@ def plot_comparison(rows: list[dict], path: str | Path, title: str | None = None
         ax.set_xlabel("checkpoint size (MiB)")
         ax.set_ylabel("decode tokens/s (higher is better)")
         ax.set_title("inference cost")
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
+        top = max((r["cost"]["decode_tok_s"] for r in rows if r.get("cost")), default=1.0)
+        right = max((r["cost"]["size_bytes"] / 2**20 for r in rows if r.get("cost")), default=1.0)
+        ax.set_ylim(0, top * 1.3)  # room for the labels above the highest point
+        ax.set_xlim(0, right * 1.35)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
