@@ -10,7 +10,7 @@ model's forward, in another float order (attention, RMSNorm), so its logits agre
 amplified by the activation quantizers, not bit for bit.
 
 The step reads the model's parts through the adapter and the runtime modules' own buffers: nothing here
-knows a checkpoint format. `DecodeEngine.supports(model)` says where it applies (batch 1, the native linear
+knows a checkpoint format. `DecodeEngine.unsupported(model)` says where it does not apply (batch 1, the native linear
 kernels, full attention); elsewhere generation keeps transformers' `generate`.
 """
 
@@ -27,6 +27,7 @@ from ..hadamard import online_hadamard
 from ..models import model_parts
 from . import native
 from .modules import Int4Linear, IntLinear, LinearSlice
+from .packing import pack_unsigned
 
 BUCKET = 256  # the static cache grows in steps of this many positions (one compiled graph per size)
 
@@ -93,10 +94,7 @@ class StepPlan:
 def _quantize_kv(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[h, D] → (codes [h, D or D/2] uint8, scale [h, 1], zero [h, 1]) as CodeStore.append stores them."""
     u, offset, scale = torch.ops.spinquant.quantize_rows(x, spec.bits, spec.symmetric, spec.clip_ratio, x.shape[-1])
-    if spec.bits <= 4:
-        pairs = u.reshape(u.shape[0], -1, 2)
-        u = pairs[..., 0] | (pairs[..., 1] << 4)
-    return u, scale, offset.to(torch.float32)
+    return pack_unsigned(u, spec.bits), scale, offset.to(torch.float32)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,7 +183,7 @@ class DecodeEngine:
 
     @staticmethod
     def unsupported(model) -> str | None:
-        """Why the compiled step cannot run this model (None when it can)."""
+        """Why the step cannot run this model (None when it can)."""
         if not hasattr(model, "spinquant_kv"):
             return "not a packed spinquant runtime model"
         if not native.available():
@@ -221,7 +219,7 @@ class DecodeEngine:
                     t[f"{name}_codes"] = torch.zeros(p.kv_heads, capacity, p.head_dim)
                     t[f"{name}_scale"] = t[f"{name}_zero"] = torch.empty(0)
         self.capacity = capacity
-        rotary = self.parts.model.model.rotary_emb if hasattr(self.parts.model, "model") else None
+        rotary = next(m for name, m in self.model.named_modules() if name.endswith("rotary_emb"))  # as build_model
         positions = torch.arange(capacity).unsqueeze(0)
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
         self.cos, self.sin = cos[0], sin[0]
