@@ -25,7 +25,9 @@ from pathlib import Path
 CONFIGS: dict[str, tuple[int, int, int] | None] = {
     "fp32": None, "bf16": None,
     "w8a8": (8, 8, 8), "w4a8": (4, 8, 8), "w4a16": (4, 16, 16), "w4a4": (4, 4, 4),
+    "w4a16-plain": (4, 16, 16),  # R1/R2 merged, no online R3/R4: nothing runs at inference but the linears
 }
+ONLINE_OFF = {"w4a16-plain"}
 # W4A16 runtime variants: same checkpoint, another weight-only kernel (see runtime.modules.WeightOnlyLinear)
 VARIANTS = {"w4a16-otf": ("w4a16", "otf"), "w4a16-int4": ("w4a16", "int4pack"), "w4a16-cached": ("w4a16", "cached"),
             "w4a8-cached": ("w4a8", "cached")}
@@ -90,6 +92,7 @@ def prepare(names: list[str], workdir: Path, model_name: str, rebuild: bool) -> 
             w, a, kv = bits
             cfg = RunConfig(model=model_name)
             cfg.rotation.mode = "hadamard"
+            cfg.rotation.r3 = cfg.rotation.r4 = name not in ONLINE_OFF
             cfg.quant = QuantConfig(weight=QuantSpec(w, symmetric=True, clip_search=True),
                                     act=QuantSpec(a, symmetric=False, clip_ratio=0.9),
                                     key=QuantSpec(kv, symmetric=False, clip_ratio=0.95),

@@ -72,3 +72,49 @@ def test_models_the_step_does_not_cover_keep_transformers_generate():
 
     assert DecodeEngine.unsupported(tiny_model("llama")) == "not a packed spinquant runtime model"
     assert engine_for(tiny_model("llama")) is None
+
+
+# The small native ops the step is made of, each against the PyTorch formula it replaces.
+
+def test_native_rms_norm_rope_and_silu_match_their_pytorch_formulas():
+    ops = native.kernels()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 96, generator=g), torch.randn(96, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), ref, rtol=1e-6, atol=1e-6)
+
+    qk, cos, sin = torch.randn(5, 64, generator=g), torch.randn(64, generator=g), torch.randn(64, generator=g)
+    rotated = torch.cat((-qk[:, 32:], qk[:, :32]), dim=-1)
+    assert torch.equal(ops.rope(qk, cos, sin), qk * cos + rotated * sin)  # the same float operations
+
+    gu = torch.randn(2, 2 * 48, generator=g)
+    torch.testing.assert_close(ops.silu_mul(gu), torch.nn.functional.silu(gu[:, :48]) * gu[:, 48:])
+
+
+@pytest.mark.parametrize("n", [64, 96, 1536, 2048])
+def test_native_hadamard_rows_is_the_online_hadamard(n):
+    from spinquant.hadamard import hadamard_base, online_hadamard
+
+    x = torch.randn(4, n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(native.kernels().hadamard_rows(x, hadamard_base(n)), online_hadamard(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False), (3, True)])
+def test_native_kv_append_writes_what_quantize_rows_and_packing_give(bits, symmetric):
+    from spinquant.runtime.packing import pack_unsigned
+
+    ops = native.kernels()
+    heads, length, d, pos = 3, 8, 64, 5
+    x = torch.randn(heads, d, generator=torch.Generator().manual_seed(bits))
+    width = d // 2 if bits <= 4 else d
+    codes = torch.zeros(heads, length, width, dtype=torch.uint8)
+    scale, zero = torch.ones(heads, length, 1), torch.zeros(heads, length, 1) if not symmetric else torch.empty(0)
+    ops.kv_append(x, codes, scale, zero, torch.tensor([pos]), bits, symmetric, 0.95)
+    u, offset, s = ops.quantize_rows(x, bits, symmetric, 0.95, d)
+    assert torch.equal(codes[:, pos], pack_unsigned(u, bits))
+    assert torch.equal(scale[:, pos], s)
+    if not symmetric:
+        assert torch.equal(zero[:, pos], offset.float())
+    others = [i for i in range(length) if i != pos]
+    assert not codes[:, others].any() and torch.equal(scale[:, others], torch.ones(heads, length - 1, 1))

@@ -315,6 +315,13 @@ class HadamardPlan:
 _PLANS: dict[tuple[int, torch.dtype, torch.device], HadamardPlan] = {}
 
 
+def hadamard_base(n: int) -> torch.Tensor:
+    """H_Kᵀ of hadamard_matrix(n) = H_K ⊗ S_p in float32 (an empty tensor when K = 1): what the native
+    butterfly transform (runtime/native, `hadamard_rows`) needs besides x."""
+    k, _ = hadamard_factors(n)
+    return _base_on(k, torch.float32, torch.device("cpu")) if k > 1 else torch.empty(0)
+
+
 def online_hadamard(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal Hadamard transform over the last dim at run time (R3, R4): in the fake-quant model
     and in the packed runtime alike, so both round alike (at W4A4 a 1e-7 difference moves perplexity by

@@ -20,14 +20,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import QuantSpec
-from ..hadamard import online_hadamard
+from ..hadamard import hadamard_base
 from ..models import model_parts
 from . import native
 from .modules import Int4Linear, IntLinear, LinearSlice
-from .packing import pack_unsigned
 
 BUCKET = 256  # the static cache grows in steps of this many positions (one compiled graph per size)
 
@@ -45,28 +43,33 @@ class LinearPlan:
 def _linear_plan(module) -> tuple[LinearPlan, dict[str, torch.Tensor]] | None:
     if isinstance(module, Int4Linear):
         a = module.act
-        return (LinearPlan("int4", a, module.group, module.hadamard),
-                {"w": module.packed, "wz": module.weight_zero, "sum": module.code_sum, "sw": module.weight_scale,
-                 "bias": module.bias})
-    if isinstance(module, IntLinear) and module.native and not module.group:
-        return (LinearPlan("int8", module.act, module.in_features, module.hadamard),
-                {"w": module.weight_int, "sum": module.code_sum, "sw": module.weight_scale.reshape(-1),
-                 "bias": module.bias})
-    return None
+        plan = LinearPlan("int4", a, module.group, module.hadamard)
+        tensors = {"w": module.packed, "wz": module.weight_zero, "sum": module.code_sum, "sw": module.weight_scale,
+                   "bias": module.bias}
+    elif isinstance(module, IntLinear) and module.native and not module.group:
+        plan = LinearPlan("int8", module.act, module.in_features, module.hadamard)
+        tensors = {"w": module.weight_int, "sum": module.code_sum, "sw": module.weight_scale.reshape(-1),
+                   "bias": module.bias}
+    else:
+        return None
+    if plan.hadamard:  # R4 on the input: the native butterfly transform needs H_K's base matrix
+        tensors["hadamard"] = hadamard_base(module.in_features)
+    return plan, tensors
 
 
 def run_linear(plan: LinearPlan, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The runtime linear through torch.ops.spinquant (traceable); x is [rows, in]."""
     if plan.hadamard:
-        x = online_hadamard(x)
+        x = torch.ops.spinquant.hadamard_rows(x, t["hadamard"])
     a = plan.act
     if plan.kind == "int4" and a is None:
         return torch.ops.spinquant.int4_linear_float(x, t["w"], t["wz"], t["sw"], t["bias"], plan.group)
     k = x.shape[-1]
     a_group = a.group_size if a.group_size not in (None, k) else k
-    xu, xo, sx = torch.ops.spinquant.quantize_rows(x, a.bits, a.symmetric, a.clip_ratio, a_group)
     if plan.kind == "int4":
-        return torch.ops.spinquant.int4_linear(xu, xo, sx, t["w"], t["wz"], t["sum"], t["sw"], t["bias"], plan.group)
+        return torch.ops.spinquant.int4_linear_dynamic(x, a.bits, a.symmetric, a.clip_ratio, a_group, t["w"], t["wz"],
+                                                       t["sum"], t["sw"], t["bias"], plan.group)
+    xu, xo, sx = torch.ops.spinquant.quantize_rows(x, a.bits, a.symmetric, a.clip_ratio, a_group)
     return torch.ops.spinquant.int8_linear(xu, xo.reshape(-1), sx.reshape(-1), t["w"], t["sum"], t["sw"], t["bias"])
 
 
@@ -91,19 +94,8 @@ class StepPlan:
     qk_norm: bool
 
 
-def _quantize_kv(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[h, D] → (codes [h, D or D/2] uint8, scale [h, 1], zero [h, 1]) as CodeStore.append stores them."""
-    u, offset, scale = torch.ops.spinquant.quantize_rows(x, spec.bits, spec.symmetric, spec.clip_ratio, x.shape[-1])
-    return pack_unsigned(u, spec.bits), scale, offset.to(torch.float32)
-
-
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return torch.ops.spinquant.rms_norm(x, weight, eps)
 
 
 def layer_step(p: StepPlan, t: dict[str, torch.Tensor], x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
@@ -113,35 +105,30 @@ def layer_step(p: StepPlan, t: dict[str, torch.Tensor], x: torch.Tensor, pos: to
     h = _rms(x, t["norm1"], p.eps)
     qkv = run_linear(p.qkv, t["qkv"], h)
     nq, nk, _ = p.sizes
-    q = qkv[:, :nq].reshape(p.heads, p.head_dim)
-    k = qkv[:, nq:nq + nk].reshape(p.kv_heads, p.head_dim)
+    # Queries and keys side by side as heads + kv_heads rows: RoPE and R3 are one op each over both.
+    qk = qkv[:, :nq + nk].reshape(p.heads + p.kv_heads, p.head_dim)
     v = qkv[:, nq + nk:].reshape(p.kv_heads, p.head_dim)
     if p.qk_norm:
-        q = _rms(q, t["q_norm"], p.eps)
-        k = _rms(k, t["k_norm"], p.eps)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+        qk = torch.cat((_rms(qk[:p.heads].contiguous(), t["q_norm"], p.eps),
+                        _rms(qk[p.heads:].contiguous(), t["k_norm"], p.eps)))
+    qk = torch.ops.spinquant.rope(qk, cos, sin)
     if p.rotate_q:  # R3: the cache holds rotated keys; rotating the queries too leaves Q·Kᵀ unchanged
-        q = online_hadamard(q)
-        k = online_hadamard(k)
-    for name, new, spec in (("k", k, p.key), ("v", v, p.value)):
-        if spec.enabled:
-            codes, scale, zero = _quantize_kv(new, spec)
-            t[f"{name}_codes"].index_copy_(1, pos, codes.unsqueeze(1))
-            t[f"{name}_scale"].index_copy_(1, pos, scale.unsqueeze(1))
-            if not spec.symmetric:
-                t[f"{name}_zero"].index_copy_(1, pos, zero.unsqueeze(1))
-        else:
-            t[f"{name}_codes"].index_copy_(1, pos, new.unsqueeze(1))
+        qk = torch.ops.spinquant.hadamard_rows(qk, t["r3"])
+    q, k = qk[:p.heads].contiguous(), qk[p.heads:].contiguous()
     k_bits = p.key.bits if p.key.enabled else 16
     v_bits = p.value.bits if p.value.enabled else 16
+    # This token's K/V quantized (as the model's QuantKVCache does) and written at `pos` in one native call each.
+    torch.ops.spinquant.kv_append(k, t["k_codes"], t["k_scale"], t["k_zero"], pos, k_bits, p.key.symmetric,
+                                  p.key.clip_ratio)
+    torch.ops.spinquant.kv_append(v.contiguous(), t["v_codes"], t["v_scale"], t["v_zero"], pos, v_bits,
+                                  p.value.symmetric, p.value.clip_ratio)
     attn = torch.ops.spinquant.decode_attention(
-        q.contiguous(), t["k_codes"], t["k_scale"], t["k_zero"], k_bits, p.key.symmetric, t["v_codes"], t["v_scale"],
+        q, t["k_codes"], t["k_scale"], t["k_zero"], k_bits, p.key.symmetric, t["v_codes"], t["v_scale"],
         t["v_zero"], v_bits, p.value.symmetric, pos, p.scaling).reshape(1, p.heads * p.head_dim)
     x = x + run_linear(p.o, t["o"], attn)
     h = _rms(x, t["norm2"], p.eps)
     gu = run_linear(p.gate_up, t["gate_up"], h)
-    return x + run_linear(p.down, t["down"], F.silu(gu[:, :p.mlp]) * gu[:, p.mlp:])
+    return x + run_linear(p.down, t["down"], torch.ops.spinquant.silu_mul(gu))
 
 
 class DecodeEngine:
@@ -172,6 +159,8 @@ class DecodeEngine:
             t = {"norm1": layer.input_norm.weight, "norm2": layer.post_attention_norm.weight,
                  "qkv": _linear_plan(layer.q._owner[0].fused)[1], "o": _linear_plan(layer.o)[1],
                  "gate_up": _linear_plan(layer.gate._owner[0].fused)[1], "down": _linear_plan(layer.down)[1]}
+            if self.plan.rotate_q:
+                t["r3"] = hadamard_base(parts.head_dim)
             if self.plan.qk_norm:
                 t["q_norm"], t["k_norm"] = layer.attention.q_norm.weight, layer.attention.k_norm.weight
             self.tensors.append(t)

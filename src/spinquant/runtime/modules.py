@@ -182,9 +182,8 @@ class Int4Linear(nn.Module):
         else:
             a = self.act
             a_group = a.group_size if a.group_size not in (None, self.in_features) else self.in_features
-            xu, xo, sx = kern.quantize_rows(x2, a.bits, a.symmetric, a.clip_ratio, a_group)
-            y = kern.int4_linear(xu, xo, sx, self.packed, self.weight_zero, self.code_sum, self.weight_scale,
-                                 self.bias, self.group)
+            y = kern.int4_linear_dynamic(x2, a.bits, a.symmetric, a.clip_ratio, a_group, self.packed, self.weight_zero,
+                                         self.code_sum, self.weight_scale, self.bias, self.group)
         y = y.reshape(*lead, self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

@@ -74,6 +74,30 @@ def _register_fakes() -> None:
     def _(q, k, k_scale, k_zero, k_bits, k_sym, v, v_scale, v_zero, v_bits, v_sym, position, scaling):
         return torch.empty_like(q)
 
+    @register_fake("spinquant::int4_linear_dynamic")
+    def _(x, bits, symmetric, clip, act_group, w, wz, sumu, sw, bias, group):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    @register_fake("spinquant::hadamard_rows")
+    def _(x, base):
+        return torch.empty_like(x)
+
+    @register_fake("spinquant::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @register_fake("spinquant::rope")
+    def _(x, cos, sin):
+        return torch.empty_like(x)
+
+    @register_fake("spinquant::silu_mul")
+    def _(gu):
+        return gu.new_empty((gu.shape[0], gu.shape[1] // 2))
+
+    @register_fake("spinquant::kv_append")
+    def _(x, codes, scale, zero, position, bits, symmetric, clip):
+        return None
+
     @register_fake("spinquant::int8_linear")
     def _(xu, xo, sx, w, wsum, sw, bias):
         return xu.new_empty((xu.shape[0], w.shape[0]), dtype=torch.float32)

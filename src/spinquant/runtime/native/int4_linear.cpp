@@ -221,21 +221,24 @@ void float_tile(const float* x, int64_t K, const uint8_t* w, int64_t group, int6
     __m256 acc[MT][NT];
     for (int i = 0; i < MT; ++i)
       for (int c = 0; c < NT; ++c) acc[i][c] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi32(0x0F);
     for (int64_t b = j * bpg; b < (j + 1) * bpg; ++b) {
-      __m256 wf[NT][4];
+      if (MT == 1 && (b & 3) == 0)
+        for (int c = 0; c < NT; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NT + c) * ldw + b * (kBlock / 2)), _MM_HINT_T0);
+      // One column at a time, eight codes at a time, so the converted weights never outnumber the registers
+      // (holding a tile's 32 codes per column as floats spilled and ran 2x slower). Bytes 0-7 and 8-15 widen
+      // straight from memory; low nibbles are codes 0-15, high nibbles codes 16-31 (Q4_0 order).
       for (int c = 0; c < NT; ++c) {
-        const __m256i u = unpack_block(w + (n0 + c) * ldw + b * (kBlock / 2));
-        const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
-        wf[c][0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        wf[c][1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        wf[c][2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        wf[c][3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-      }
-      for (int i = 0; i < MT; ++i) {
-        const float* xp = x + (m0 + i) * K + b * kBlock;
-        for (int q = 0; q < 4; ++q) {
-          const __m256 xv = _mm256_loadu_ps(xp + 8 * q);
-          for (int c = 0; c < NT; ++c) acc[i][c] = _mm256_fmadd_ps(xv, wf[c][q], acc[i][c]);
+        const uint8_t* wb = w + (n0 + c) * ldw + b * (kBlock / 2);
+        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb)));
+        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 8)));
+        const __m256 wf[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)),
+                              _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)),
+                              _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)),
+                              _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+        for (int i = 0; i < MT; ++i) {
+          const float* xp = x + (m0 + i) * K + b * kBlock;
+          for (int q = 0; q < 4; ++q) acc[i][c] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * q), wf[q], acc[i][c]);
         }
       }
     }
@@ -317,7 +320,8 @@ at::Tensor int4_linear_float(at::Tensor x, at::Tensor w, at::Tensor wz, at::Tens
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
       int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) float_tile<4, 4>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
+      // 4 rows x 2 columns: eight accumulators, each converted code reused by four rows.
+      for (; n + 2 <= n1; n += 2) float_tile<4, 2>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
       for (; n < n1; ++n) float_tile<4, 1>(xp, K, wp, group, G, GW, sxp, zp, swp, b, yp, N, m, n);
     }
     for (; m < M; ++m) {
@@ -511,6 +515,29 @@ inline void cached_row(const at::Tensor& codes, const float* scale, const float*
   }
 }
 
+#if defined(__AVX2__)
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Σ a[d]·b[d]; eight lanes at a time where D allows (a plain loop stays scalar without -ffast-math).
+inline float dot_product(const float* a, const float* b, int64_t D) {
+#if defined(__AVX2__)
+  if (D % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return hsum_ps(acc);
+  }
+#endif
+  float s = 0.0f;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
 }  // namespace
 
 // Attention of one query token over cached positions 0 .. position: q [H, D] float32; K/V caches
@@ -544,10 +571,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor k_scale, at::
       for (int64_t t = 0; t < length; ++t) {
         cached_row(k, ks, kz, kv * T + t, D, k_bits, kq, row.data());
         for (int64_t g = 0; g < group; ++g) {
-          const float* qh = qp + (kv * group + g) * D;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < D; ++d) dot += qh[d] * row[d];
-          scores[g * length + t] = dot * float(scaling);
+          scores[g * length + t] = dot_product(qp + (kv * group + g) * D, row.data(), D) * float(scaling);
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -574,6 +598,153 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor k_scale, at::
   return out;
 }
 
+// Quantize one token's K or V rows x [Hkv, D] as quantize_rows does (per row) and write them at `position`
+// of the static cache: codes [Hkv, T, D/2 or D] (two per byte, pairs in order, as packing.pack_unsigned),
+// scale [Hkv, T, 1], zero [Hkv, T, 1] (asymmetric only). A float32 cache (no KV quantization) takes x as is.
+void kv_append(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor zero, at::Tensor position, int64_t bits,
+               bool symmetric, double clip) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [Hkv, D]");
+  TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.size(0) == x.size(0), "codes: [Hkv, T, *]");
+  const int64_t H = x.size(0), D = x.size(1), T = codes.size(1), pos = position.item<int64_t>();
+  TORCH_CHECK(pos >= 0 && pos < T, "position outside the cache");
+  if (codes.scalar_type() == at::kFloat) {
+    TORCH_CHECK(codes.size(2) == D, "float cache: [Hkv, T, D]");
+    const float* src = x.data_ptr<float>();
+    float* dst = codes.data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < D; ++d) dst[(h * T + pos) * D + d] = src[h * D + d];
+    return;
+  }
+  const bool two = bits <= 4;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.size(2) == (two ? D / 2 : D), "codes: uint8 [Hkv, T, D/2 or D]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == H * T, "scale: [Hkv, T, 1]");
+  TORCH_CHECK(symmetric || (zero.scalar_type() == at::kFloat && zero.is_contiguous() && zero.numel() == H * T),
+              "zero: [Hkv, T, 1]");
+  auto q = quantize_rows(x, bits, symmetric, clip, D);
+  const uint8_t* u = q[0].data_ptr<uint8_t>();
+  const int32_t* xo = q[1].data_ptr<int32_t>();
+  const float* sx = q[2].data_ptr<float>();
+  uint8_t* dst = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) {
+    const uint8_t* row = u + h * D;
+    if (two) {
+      uint8_t* out = dst + (h * T + pos) * (D / 2);
+      for (int64_t d = 0; d < D / 2; ++d) out[d] = uint8_t(row[2 * d] | (row[2 * d + 1] << 4));
+    } else {
+      uint8_t* out = dst + (h * T + pos) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = row[d];
+    }
+    sp[h * T + pos] = sx[h];
+    if (!symmetric) zero.data_ptr<float>()[h * T + pos] = float(xo[h]);
+  }
+}
+
+// quantize_rows then int4_linear: the activation-quantized linear as one call (the decode step makes ~120 a
+// token; each dispatch from Python costs microseconds).
+at::Tensor int4_linear_dynamic(at::Tensor x, int64_t bits, bool symmetric, double clip, int64_t act_group, at::Tensor w,
+                               at::Tensor wz, at::Tensor sumu, at::Tensor sw, c10::optional<at::Tensor> bias,
+                               int64_t group) {
+  auto q = quantize_rows(x, bits, symmetric, clip, act_group);
+  return int4_linear(q[0], q[1], q[2], w, wz, sumu, sw, bias, group);
+}
+
+// The small float steps of a decode layer, each one pass instead of 3-6 ATen calls of ~5 µs on a CPU.
+// rms_norm: weight · (x · 1/√(mean(x²) + eps)) per row, as transformers' RMSNorm (float32).
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(weight.dtype() == at::kFloat && weight.numel() == K && weight.is_contiguous(), "weight: float [K]");
+  auto y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xp + m * K;
+    const float ms = dot_product(r, r, K) / float(K);
+    const float inv = 1.0f / std::sqrt(ms + float(eps));
+    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = wp[k] * (r[k] * inv);
+  }
+  return y;
+}
+
+// Rotary embedding of rows x [R, D] at one position: x·cos + rotate_half(x)·sin (transformers' formula,
+// the same float operations).
+at::Tensor rope(at::Tensor x, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [R, D]");
+  const int64_t R = x.size(0), D = x.size(1), half = D / 2;
+  TORCH_CHECK(cos.numel() == D && sin.numel() == D && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.dtype() == at::kFloat && sin.dtype() == at::kFloat, "cos / sin: float [D]");
+  auto y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const float* a = xp + r * D;
+    float* o = yp + r * D;
+    for (int64_t d = 0; d < half; ++d) o[d] = a[d] * c[d] + (-a[d + half]) * s[d];
+    for (int64_t d = half; d < D; ++d) o[d] = a[d] * c[d] + a[d - half] * s[d];
+  }
+  return y;
+}
+
+// silu(g) · u for gu = [g | u] of shape [M, 2F] → [M, F].
+at::Tensor silu_mul(at::Tensor gu) {
+  TORCH_CHECK(gu.dtype() == at::kFloat && gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0,
+              "gu: contiguous float32 [M, 2F]");
+  const int64_t M = gu.size(0), F = gu.size(1) / 2;
+  auto y = at::empty({M, F}, gu.options());
+  const float* p = gu.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t f = 0; f < F; ++f) {
+      const float g = p[m * 2 * F + f];
+      yp[m * F + f] = (g / (1.0f + std::exp(-g))) * p[m * 2 * F + F + f];
+    }
+  return y;
+}
+
+// x [R, n] → x · H_n / √n for n = k·p, p a power of two, H_n = H_k ⊗ S_p (hadamard.hadamard_matrix): each
+// length-p piece by in-place butterflies (Sylvester order), then the k pieces mixed by base [k, k] = H_kᵀ
+// (empty for k = 1). One pass instead of BLAS's two or three small matmuls (~35 µs each at one row).
+at::Tensor hadamard_rows(at::Tensor x, at::Tensor base) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [R, n]");
+  const int64_t R = x.size(0), n = x.size(1), k = base.numel() ? base.size(0) : 1, p = n / k;
+  TORCH_CHECK(p * k == n && p > 0 && (p & (p - 1)) == 0, "n must be k times a power of two");
+  TORCH_CHECK(k == 1 || (base.dtype() == at::kFloat && base.is_contiguous() && base.numel() == k * k), "base: float [k, k]");
+  auto y = x.clone();
+  float* yp = y.data_ptr<float>();
+  const float* bp = k > 1 ? base.data_ptr<float>() : nullptr;
+  const float norm = 1.0f / std::sqrt(float(n));
+  std::vector<float> mixed(k > 1 ? n : 0);
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = yp + r * n;
+    for (int64_t j = 0; j < k; ++j) {
+      float* v = row + j * p;
+      for (int64_t h = 1; h < p; h *= 2)
+        for (int64_t i = 0; i < p; i += 2 * h)
+          for (int64_t t = i; t < i + h; ++t) {
+            const float a = v[t], b = v[t + h];
+            v[t] = a + b;
+            v[t + h] = a - b;
+          }
+    }
+    if (k > 1) {
+      for (int64_t i = 0; i < k; ++i) {
+        float* out = mixed.data() + i * p;
+        for (int64_t d = 0; d < p; ++d) out[d] = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+          const float c = bp[i * k + j];
+          const float* in = row + j * p;
+          for (int64_t d = 0; d < p; ++d) out[d] += c * in[d];
+        }
+      }
+      for (int64_t d = 0; d < n; ++d) row[d] = mixed[d] * norm;
+    } else {
+      for (int64_t d = 0; d < n; ++d) row[d] *= norm;
+    }
+  }
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_op(at::Tensor x, int64_t bits, bool symmetric,
                                                                        double clip, int64_t group) {
   auto out = quantize_rows(x, bits, symmetric, clip, group);
@@ -589,12 +760,26 @@ TORCH_LIBRARY(spinquant, m) {
   m.def("int4_linear_float(Tensor x, Tensor w, Tensor wz, Tensor sw, Tensor? bias, int group) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor k_scale, Tensor k_zero, int k_bits, bool k_sym, Tensor v, "
         "Tensor v_scale, Tensor v_zero, int v_bits, bool v_sym, Tensor position, float scaling) -> Tensor");
+  m.def("kv_append(Tensor x, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero, Tensor position, int bits, "
+        "bool symmetric, float clip) -> ()");
+  m.def("int4_linear_dynamic(Tensor x, int bits, bool symmetric, float clip, int act_group, Tensor w, Tensor wz, "
+        "Tensor sumu, Tensor sw, Tensor? bias, int group) -> Tensor");
+  m.def("hadamard_rows(Tensor x, Tensor base) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("int8_linear(Tensor xu, Tensor xo, Tensor sx, Tensor w, Tensor wsum, Tensor sw, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spinquant, CPU, m) {
   m.impl("quantize_rows", &quantize_rows_op);
   m.impl("int4_linear", &int4_linear);
+  m.impl("kv_append", &kv_append);
+  m.impl("int4_linear_dynamic", &int4_linear_dynamic);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("hadamard_rows", &hadamard_rows);
+  m.impl("rope", &rope);
+  m.impl("silu_mul", &silu_mul);
   m.impl("int4_linear_float", &int4_linear_float);
   m.impl("int8_linear", &int8_linear);
   m.impl("decode_attention", &decode_attention);
