@@ -23,8 +23,11 @@ import torch
 import transformers
 from conftest import byte_tokenizer
 
+from safetensors.torch import load_file, save_file
+
 from spinquant.cli import main
 from spinquant.rotations import Rotations, make_rotations, save_rotations
+from spinquant.runtime.checkpoint import FORMAT, config_digest, sha256_file
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -87,6 +90,87 @@ def inputs(tmp_path_factory, tiny_dir):
     config = json.loads((saved / "config.json").read_text())
     config["spinquant"]["quantization"]["weight"]["bits"] = 8
     (edited / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    # Integrity that must not be switched off by editing the folder (issue 15, class 1).
+    def variant(name, edit_config, edit_tensors=None, manifest="keep"):
+        """A copy of `saved` with its config (and tensors) edited; manifest: "keep" the old digests (stale),
+        "drop" them, or "recompute" them so only the layout checks can catch the edit."""
+        folder = d / name
+        shutil.copytree(saved, folder)
+        if edit_tensors is not None:
+            tensors = load_file(str(folder / "model.safetensors"))
+            edit_tensors(tensors)
+            save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "spinquant": FORMAT})
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg = edit_config(cfg)
+        if manifest == "drop":
+            cfg["spinquant"].pop("files", None)
+            cfg["spinquant"].pop("config_sha256", None)
+        elif manifest == "recompute":
+            cfg["spinquant"]["files"] = {f: sha256_file(folder / f) for f in cfg["spinquant"]["files"]}
+            cfg["spinquant"]["config_sha256"] = config_digest(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+
+    def set_act_bits(cfg, bits=4):
+        cfg["spinquant"]["quantization"]["act"]["bits"] = bits
+        return cfg
+
+    def flip_weight(tensors):
+        key = next(k for k in tensors if k.endswith("qweight"))
+        tensors[key] = tensors[key] ^ 0x11
+
+    def scale_to_half(tensors):
+        key = next(k for k in tensors if k.endswith("mlp.down_proj.scale"))
+        tensors[key] = tensors[key].half()
+
+    def drop_scale(tensors):
+        del tensors[next(k for k in tensors if k.endswith("self_attn.o_proj.scale"))]
+
+    def version(v):
+        def edit(cfg):
+            cfg["spinquant"]["format_version"] = v
+            return cfg
+        return edit
+
+    variant("no_manifest_flipped", lambda c: c, flip_weight, manifest="drop")
+    variant("no_manifest_bits", set_act_bits, manifest="drop")
+    variant("no_section", lambda c: {k: v for k, v in c.items() if k != "spinquant"})
+    variant("half_scale", lambda c: c, scale_to_half, manifest="recompute")
+    variant("missing_scale", lambda c: c, drop_scale, manifest="recompute")
+    variant("version_99", version(99), manifest="recompute")
+    variant("version_text", version("one"), manifest="recompute")
+    variant("bits_9", lambda c: set_act_bits(c, 9), manifest="recompute")
+    (d / "list_config").mkdir()
+    (d / "list_config" / "config.json").write_text("[1, 2, 3]")
+    hf_list = d / "hf_list_config"
+    shutil.copytree(tiny_dir, hf_list)
+    (hf_list / "config.json").write_text("[]")
+    partial = d / "partial_weights"  # a Hugging Face folder whose weights lack most tensors
+    shutil.copytree(tiny_dir, partial)
+    weights = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "layers.0." in k}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
+
+    # Training checkpoints to resume from, edited (class 2).
+    ckpt = d / "train.ckpt"
+    assert main(["quantize", "--model", str(tiny_dir), "--eval-data", str(d / "eval.txt"), "--calib-data",
+                 str(d / "calib.txt"), "--seq-len", "64", "--no-eval", "--rotation", "learned", "--train-steps", "2",
+                 "--train-seq-len", "32", "--train-batch", "2", "--train-checkpoint", str(ckpt),
+                 "--train-checkpoint-every", "1"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+
+    def edited_ckpt(name, edit):
+        s = {**state, "rotations": dict(state["rotations"])}
+        edit(s)
+        torch.save(s, d / name)
+
+    edited_ckpt("ckpt_nonorth.ckpt", lambda s: s["rotations"].update(r1=s["rotations"]["r1"] * 1.1))
+    edited_ckpt("ckpt_nan.ckpt", lambda s: s["rotations"].update(r1=s["rotations"]["r1"] * float("nan")))
+    edited_ckpt("ckpt_step_text.ckpt", lambda s: s.update(step="1"))
+    edited_ckpt("ckpt_step_losses.ckpt", lambda s: s.update(step=1))
+
+    # Text inputs (class 5).
+    (d / "surrogate.jsonl").write_text('{"text": "' + TEXT + '"}\n{"text": "bad \\ud800 here"}\n')
     return d
 
 
@@ -116,6 +200,24 @@ class Ctx:
     def rotation_file(self, name):
         return self.quantize("--rotation", "learned", "--rotation-file", str(self.inp / name))
 
+    def eval_saved(self, folder):
+        return ["eval", str(self.inp / folder), "--eval-data", str(self.inp / "eval.txt"), "--seq-len", "64"]
+
+    def pipe(self, text: str) -> str:
+        """A pipe holding `text`, as `--calib-data <(cat file)` gives (read end left open for the run)."""
+        r, w = os.pipe()
+        os.write(w, text.encode())
+        os.close(w)
+        return f"/dev/fd/{r}"
+
+    def wikitext_test(self) -> Path:
+        from spinquant.data import shared_data_dir
+
+        root = shared_data_dir()
+        if root is None or not (root / "wikitext-2-raw" / "wiki.test.raw").is_file():
+            pytest.skip("needs the shared WikiText-2 copy")
+        return root / "wikitext-2-raw" / "wiki.test.raw"
+
     def export(self, source):
         return ["export", str(self.inp / source), "--format", "compressed-tensors", "--output", str(self.target)]
 
@@ -130,6 +232,32 @@ def _read_only(ctx: Ctx) -> None:
 def _existing_output(ctx: Ctx) -> None:
     ctx.target.mkdir()
     (ctx.target / "precious.txt").write_text("keep me")
+
+
+def _disk_full_safetensors(monkeypatch) -> None:
+    """What safetensors raises on a full disk: its own exception type, not an OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+
+def _existing_loss_csv(ctx: Ctx) -> None:
+    (ctx.out / "r.safetensors.loss.csv").write_text("step,loss\n0,1.0\n")
+
+
+def _output_is_file(ctx: Ctx) -> None:
+    ctx.target.write_text("a file the user keeps")
+
+
+def _latin1_stdin(monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("café\n".encode("latin-1")), encoding="utf-8"))
 
 
 def _disk_full(monkeypatch) -> None:
@@ -230,6 +358,52 @@ CASES = {
                                        "--calib-data", str(c.inp / "calib.txt"), "--markdown",
                                        str(c.inp / "eval.txt")], "already exists"),
     "disk full while saving": Case(lambda c: c.quantize("--max-windows", "1"), "No space left", patch=_disk_full),
+    "disk full inside safetensors": Case(lambda c: c.quantize("--max-windows", "1"), "No space left",
+                                         patch=_disk_full_safetensors),
+    # --- issue 15, class 1: integrity cannot be switched off by editing the folder
+    "manifest removed, weights flipped": Case(lambda c: c.eval_saved("no_manifest_flipped"), "no integrity manifest"),
+    "manifest removed, A8 edited to A4": Case(lambda c: c.eval_saved("no_manifest_bits"), "no integrity manifest",
+                                             sub=True),
+    "spinquant section removed": Case(lambda c: c.eval_saved("no_section"), "lost its 'spinquant' section"),
+    "section removed (export)": Case(lambda c: c.export("no_section"), "lost its 'spinquant' section"),
+    "scale of the wrong dtype, digests consistent": Case(lambda c: c.eval_saved("half_scale"), "declared layout"),
+    "tensor missing, digests consistent": Case(lambda c: c.eval_saved("missing_scale"), "lacks the tensor"),
+    "layout checked on export too": Case(lambda c: c.export("half_scale"), "declared layout"),
+    "unknown format version": Case(lambda c: c.eval_saved("version_99"), "format version 99"),
+    "malformed format version": Case(lambda c: c.eval_saved("version_text"), "format version 'one'"),
+    "impossible declared bits": Case(lambda c: c.eval_saved("bits_9"), "invalid quantization"),
+    "config.json a JSON list (saved)": Case(lambda c: c.eval_saved("list_config"), "JSON list"),
+    "config.json a JSON list (HF)": Case(lambda c: c.quantize(model=c.inp / "hf_list_config"), "JSON list"),
+    "HF weights lacking tensors": Case(lambda c: c.quantize(model=c.inp / "partial_weights"), "lack"),
+    # class 2: resumed state is checked like a rotation file
+    "resume with non-orthogonal R1": Case(lambda c: c.learned("--resume", str(c.inp / "ckpt_nonorth.ckpt")),
+                                          "not orthogonal"),
+    "resume with NaN R1": Case(lambda c: c.learned("--resume", str(c.inp / "ckpt_nan.ckpt")), "NaN"),
+    "resume with a text step": Case(lambda c: c.learned("--resume", str(c.inp / "ckpt_step_text.ckpt")),
+                                    "not a step count"),
+    "resume, step and losses disagree": Case(lambda c: c.learned("--resume", str(c.inp / "ckpt_step_losses.ckpt")),
+                                             "loss history"),
+    # class 3: calibration text equal to the evaluation text however named
+    "calibration is evaluation (pipe)": Case(lambda c: c.quantize("--calib-data", c.pipe(TEXT)), "evaluation"),
+    "calibration is evaluation (built-in name and its file)": Case(
+        lambda c: c.quantize("--eval-data", "wikitext2", "--calib-data", str(c.wikitext_test())), "evaluation"),
+    # class 4: outputs
+    "loss curve exists, no --overwrite": Case(lambda c: c.learned("--save-rotation", str(c.out / "r.safetensors")),
+                                              "already exists", setup=_existing_loss_csv),
+    "output is a file, --overwrite": Case(lambda c: c.quantize("--overwrite"), "is a file", setup=_output_is_file),
+    # class 5: inputs that used to crash
+    "empty prompt": Case(lambda c: ["generate", str(c.inp / "saved"), "   "], "prompt is empty"),
+    "chat stdin not UTF-8": Case(lambda c: ["chat", str(c.inp / "saved")], "not UTF-8", patch=_latin1_stdin),
+    "lone surrogate in JSONL": Case(lambda c: c.quantize("--eval-data", str(c.inp / "surrogate.jsonl")),
+                                    "lone surrogate"),
+    "unknown ~user in a path": Case(lambda c: c.quantize("--eval-data", "~nosuchuser_spq/x.txt"), "no such user"),
+    "device meta": Case(lambda c: c.quantize("--device", "meta"), "not supported"),
+    "device mps": Case(lambda c: c.quantize("--device", "mps"), "not supported"),
+    "huge seed": Case(lambda c: c.quantize("--seed", str(10**20)), "out of range"),
+    "negative seed": Case(lambda c: c.quantize("--seed", "-1"), "out of range"),
+    "lr nan": Case(lambda c: c.learned("--lr", "nan"), "learning rate"),
+    "clip ratio nan": Case(lambda c: c.quantize("--a-clip", "nan"), "clip ratio"),
+    "saved folder as --model": Case(lambda c: c.quantize(model=c.inp / "saved"), "already quantized", sub=True),
 }
 
 
@@ -278,5 +452,5 @@ def test_bad_input(name, inputs, tiny_dir, tmp_path, capsys, monkeypatch, one_th
 
 
 def test_table_is_big_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 95
     assert sum(c.sub for c in CASES.values()) >= 3

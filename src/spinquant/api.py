@@ -67,7 +67,7 @@ def quantize(model, tokenizer, cfg: RunConfig, progress: bool = True):
 
 
 def run_eval(cfg: RunConfig) -> dict:
-    model, tokenizer = load_model(cfg.model, device=model_device(cfg))
+    model, tokenizer = load_model(cfg.model, device=model_device(cfg), verify=cfg.verify)
     windows = eval_windows(cfg, model, tokenizer)
     t = time.perf_counter()
     with evaluating(model, cfg) as device:
@@ -122,12 +122,12 @@ def run_quantize(cfg: RunConfig, evaluate: bool = True, export=None) -> dict:
 
         from .io import check_writable
 
-        check_writable(Path(cfg.output), cfg.overwrite)  # fail before an hour of work, not after
+        check_writable(Path(cfg.output), cfg.overwrite, directory=True)  # fail before an hour of work
     if export is not None:
         from .export import check_request
 
         check_request(export, cfg)  # an export that cannot work fails now, before the quantization
-    model, tokenizer = load_model(cfg.model, device=model_device(cfg))
+    model, tokenizer = load_model(cfg.model, device=model_device(cfg), float_only=True)
     check_calibration_seq_len(model, cfg)
     windows = eval_windows(cfg, model, tokenizer) if evaluate else None
     report = quantize(model, tokenizer, cfg, progress=distributed.is_main())
@@ -193,7 +193,7 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
     for out in (markdown, plot):
         if out:
             check_writable(Path(out), cfg.overwrite)  # before the comparison runs, not after
-    base, tokenizer = load_model(cfg.model, device=model_device(cfg))
+    base, tokenizer = load_model(cfg.model, device=model_device(cfg), float_only=True)
     check_calibration_seq_len(base, cfg, tuple(methods))
     windows = eval_windows(cfg, base, tokenizer)
     rows = []
@@ -273,35 +273,38 @@ def runtime_model(model, cfg: RunConfig):
     return freeze(model, cfg)
 
 
-def run_export(source: str, request) -> dict:
+def run_export(source: str, request, verify: bool = True) -> dict:
     """Export a folder saved by `quantize --output` (request: a spinquant.export.ExportRequest)."""
     from .export import check_request
     from .export import run_export as write_export
 
     check_request(request)
     t = time.perf_counter()
-    out = write_export(source, None, request)
+    out = write_export(source, None, request, verify=verify)
     console.print(f"exported {source} as {request.format} to {out}")
     return {"source": source, "format": request.format, "output": str(out), "seconds": time.perf_counter() - t}
 
 
 def run_generate(model_name: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                 seed: int = 0, stream: bool = True) -> dict:
+                 seed: int = 0, stream: bool = True, verify: bool = True) -> dict:
     """Generate from a packed checkpoint folder (or any model load_model takes); streams to stdout."""
     import sys
 
     from .runtime.generate import generate_text
 
+    if not prompt.strip():
+        raise SpinQuantError("the prompt is empty; give some text to continue")
     torch.manual_seed(seed)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, verify=verify)
     result = generate_text(model, tokenizer, prompt, max_new_tokens, temperature, out=sys.stdout if stream else None)
     return {"model": model_name, **result}
 
 
-def run_chat(model_name: str, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0) -> dict:
+def run_chat(model_name: str, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
+             verify: bool = True) -> dict:
     """Interactive chat on stdin/stdout (chat template when the tokenizer has one); EOF or 'exit' ends it."""
     from .runtime.generate import chat_loop
 
     torch.manual_seed(seed)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, verify=verify)
     return {"model": model_name, **chat_loop(model, tokenizer, max_new_tokens, temperature)}

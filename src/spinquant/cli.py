@@ -49,6 +49,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(merge, weights, evaluation; for models bigger than the device)")
 
 
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true",
+                   help="load a saved spinquant folder without checking its sha256 manifest (says so on stderr); "
+                        "its tensor layout is still checked")
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-data", default="wikitext2", help="wikitext2 (test split), c4, or a text/JSONL file")
@@ -140,7 +146,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     """Flags → RunConfig (validated)."""
     cfg = RunConfig(model=a.model, seed=a.seed, device=getattr(a, "device", "auto"),
-                    offload=getattr(a, "offload", False))
+                    offload=getattr(a, "offload", False), verify=not getattr(a, "no_verify", False))
     cfg.eval = replace(cfg.eval, data=a.eval_data, seq_len=a.seq_len, max_windows=a.max_windows)
     if getattr(a, "tasks", None):
         from .lm_eval_bridge import check_tasks, parse_tasks
@@ -187,6 +193,12 @@ def _check_side_outputs(cfg: RunConfig) -> None:
                              "--train-checkpoint")
     if cfg.rotation.save_file:
         check_writable(Path(cfg.rotation.save_file), cfg.overwrite, directory=False)
+    stem = cfg.loss_curve_stem()
+    if stem:
+        from .train import loss_curve_files
+
+        for f in loss_curve_files(stem):
+            check_writable(f, cfg.overwrite, directory=False)
     ckpt = cfg.train.checkpoint
     if ckpt and cfg.rotation.mode == "learned" and not cfg.rotation.rotation_file and ckpt != cfg.train.resume:
         check_writable(Path(ckpt), overwrite=True, directory=False)  # training rewrites it on every save
@@ -206,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(e)
     add_eval_args(e)
     e.add_argument("path", nargs="?", help="model folder (same as --model), e.g. a saved quantized model")
+    add_verify_arg(e)
 
     for name, text in (("generate", "continue a prompt with a model (a saved quantized folder or any model)"),
                        ("chat", "chat on stdin/stdout with a model; EOF or 'exit' ends it")):
@@ -217,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        add_verify_arg(g)
         g.set_defaults(eval_data="wikitext2", seq_len=2048, max_windows=16)  # unused; config_from_args reads them
 
     c = sub.add_parser("compare", help="FP / RTN / Hadamard / learned side by side in one table")
@@ -245,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
                    help="compressed-tensors: dtype of scales and float tensors (default bfloat16)")
     x.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    add_verify_arg(x)
     x.set_defaults(eval_data="wikitext2", seq_len=2048, max_windows=16, seed=0)  # unused; config_from_args reads them
     return p
 
@@ -282,11 +297,12 @@ def _eval(cfg: RunConfig, args) -> dict:
 
 
 def _generate(cfg: RunConfig, args) -> dict:
-    return api.run_generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    return api.run_generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed,
+                            verify=cfg.verify)
 
 
 def _chat(cfg: RunConfig, args) -> dict:
-    return api.run_chat(args.model, args.max_new_tokens, args.temperature, args.seed)
+    return api.run_chat(args.model, args.max_new_tokens, args.temperature, args.seed, verify=cfg.verify)
 
 
 def _compare(cfg: RunConfig, args) -> dict:
@@ -296,7 +312,7 @@ def _compare(cfg: RunConfig, args) -> dict:
 
 
 def _export(cfg: RunConfig, args) -> dict:
-    return api.run_export(args.model, export_request(args, args.format, args.output))
+    return api.run_export(args.model, export_request(args, args.format, args.output), verify=cfg.verify)
 
 
 COMMANDS = {"quantize": _quantize, "eval": _eval, "compare": _compare, "generate": _generate, "chat": _chat,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -37,7 +38,7 @@ class QuantSpec:
             raise SpinQuantError(
                 f"{what} group size {self.group_size} must be positive; omit it for per-channel quantization"
             )
-        if not 0.0 < self.clip_ratio <= 1.0:
+        if not (math.isfinite(self.clip_ratio) and 0.0 < self.clip_ratio <= 1.0):
             raise SpinQuantError(f"{what} clip ratio {self.clip_ratio} must be in (0, 1]; 1.0 means no clipping")
 
 
@@ -123,8 +124,8 @@ class TrainConfig:
         for name in ("steps", "batch", "seq_len"):
             if getattr(self, name) <= 0:
                 raise SpinQuantError(f"training {name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise SpinQuantError(f"learning rate must be positive, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise SpinQuantError(f"learning rate must be a positive number, got {self.lr}; fix --lr")
         if self.loss not in ("kl", "ce"):
             raise SpinQuantError(f"unknown training loss {self.loss!r}; use kl or ce")
         if self.clip_every <= 0:
@@ -188,15 +189,20 @@ class RunConfig:
     # Embedding / lm_head storage, applied by quantize_model and kept by the saver: int8 (per row), float16,
     # bfloat16 or float32.
     tables: str = "int8"
+    verify: bool = True  # check a saved model's sha256 manifest on load (--no-verify turns it off, logged)
 
     def validate(self) -> RunConfig:
         if self.device != "auto":
             import torch
 
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except (RuntimeError, ValueError):
-                raise SpinQuantError(f"device {self.device!r} is unknown; use auto, cpu, cuda or cuda:N") from None
+                kind = None
+            if kind not in ("cpu", "cuda"):  # meta, mps, xpu...: nothing here is written or tested for them
+                raise SpinQuantError(f"device {self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
+        if not 0 <= self.seed < 2**32:
+            raise SpinQuantError(f"seed {self.seed} is out of range; use an integer from 0 to {2**32 - 1}")
         if self.tables not in TABLE_DTYPES:
             raise SpinQuantError(f"tables {self.tables!r} is unknown; use one of {', '.join(TABLE_DTYPES)}")
         self.quant.validate()
@@ -208,3 +214,9 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def loss_curve_stem(self) -> str | None:
+        """Where rotation training writes its loss curve (`<stem>.loss.csv`, `.loss.png`), if it trains."""
+        if self.rotation.mode != "learned" or self.rotation.rotation_file:
+            return None
+        return self.rotation.save_file or (f"{self.output.rstrip('/')}-rotation" if self.output else None)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from spinquant.errors import SpinQuantError
+from spinquant.io import user_path
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+# Texts read in this process, by source: a pipe (`--calib-data <(...)`) can be read only once, and the
+# calibration-vs-evaluation check compares contents before training and evaluation read them again.
+_TEXT_CACHE: dict[str, str] = {}
+
+
 def load_text(source: str, split_hint: str | None = None) -> str:
     """Return the raw text of a named source or a local text/JSONL file.
 
@@ -85,11 +91,15 @@ def load_text(source: str, split_hint: str | None = None) -> str:
                 f"unknown split {split_hint!r} for wikitext2; use one of: {', '.join(_SPLIT_HINTS)}"
             )
         name = _SPLIT_HINTS[split_hint]
-    if name in _WIKITEXT:
-        return _load_wikitext(name)
-    if name == "c4":
-        return _load_c4()
-    return _read_local(Path(name).expanduser())
+    if name not in _TEXT_CACHE:
+        if name in _WIKITEXT:
+            text = _load_wikitext(name)
+        elif name == "c4":
+            text = _load_c4()
+        else:
+            text = _read_local(user_path(name))
+        _TEXT_CACHE[name] = text
+    return _TEXT_CACHE[name]
 
 
 def _hub_allowed() -> bool:
@@ -216,32 +226,44 @@ def _join_jsonl(text: str, path: Path) -> str:
                 f'line {lineno} of {path} has no `text` field; give every line a "text" string '
                 "or pass a plain text file"
             )
+        try:
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a "\\ud800" escape: valid JSON, but no tokenizer can encode it
+            raise SpinQuantError(
+                f"line {lineno} of {path} holds invalid Unicode ({exc.object[exc.start]!r}, a lone surrogate); "
+                "fix the file"
+            ) from None
         docs.append(record["text"])
     return _JOIN.join(docs)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def same_text_source(a: str, b: str) -> bool:
-    """Whether two data sources name the same text: the same name, the same file by another path (symlink,
-    `..`, relative), or two local files with identical bytes. Reads nothing but local files."""
+    """Whether two data sources hold the same text, however each is named: the same name, or the same
+    content (a built-in name and a path to its file, a copy, a symlink, a pipe). Contents are compared by
+    digest once both can be read here (read once per process, see load_text); where one cannot (no
+    network, no local copy), the names decide and the run fails later on reading it anyway."""
     a, b = str(a), str(b)
     if a == b:
         return True
-    if a in NAMED_SOURCES or b in NAMED_SOURCES:
+    try:
+        return bool(_content_digests(a) & _content_digests(b))
+    except SpinQuantError:
         return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if not (pa.is_file() and pb.is_file()):
-        return False
-    if pa.resolve() == pb.resolve():
-        return True
-    return pa.stat().st_size == pb.stat().st_size and _file_digest(pa) == _file_digest(pb)
+
+
+def _content_digests(source: str) -> set[str]:
+    """Digests of the text a source yields and, for a named source, of its local file as stored (the
+    WikiText-2 loader rebuilds rows, so the file's bytes differ from the text it returns)."""
+    digests = {_digest(load_text(source))}
+    local = {**{k: v[1] for k, v in _WIKITEXT.items()}, "c4": _C4_LOCAL}.get(source)
+    path = _local_copy(local) if local else None
+    if path is not None:
+        digests.add(_digest(path.read_text(encoding="utf-8")))
+    return digests
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def check_calibration_differs(calib: str, eval_data: str, what: str = "calibration data") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import pickle
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import SpinQuantError, unpickling_refusal
+from .io import user_path
 
 DEFAULT_MODEL = "smollm2-135m"
 # Built-in names → (Python package shipping the file, file name). Located, never imported.
@@ -36,7 +38,7 @@ def resolve(name: str) -> tuple[str, str | None]:
     if name in BUILTIN_GGUF:
         path = builtin_gguf(name)
         return str(path.parent), path.name
-    p = Path(name).expanduser()
+    p = user_path(name)
     if p.suffix == ".gguf":
         if not p.is_file():
             raise SpinQuantError(f"GGUF file {p} not found; pass an existing .gguf file")
@@ -47,6 +49,7 @@ def resolve(name: str) -> tuple[str, str | None]:
                 f"{p} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf "
                 f"file, a hub id, or the built-in {DEFAULT_MODEL!r}"
             )
+        _check_config_json(p / "config.json")
         return str(p), None
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name, None  # a hub id
@@ -56,12 +59,35 @@ def resolve(name: str) -> tuple[str, str | None]:
     )
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model in eval mode, tokenizer). Quantized GGUF weights are dequantized to `dtype`."""
+def _check_config_json(path: Path) -> None:
+    """transformers reads config.json as a dict; anything else would surface as a traceback deep inside it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpinQuantError(f"{path} is not readable JSON ({type(e).__name__}: {e}); restore the model's "
+                             "config.json") from None
+    if not isinstance(data, dict):
+        raise SpinQuantError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the model's "
+                             "config.json")
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               verify: bool = True, float_only: bool = False):
+    """(model in eval mode, tokenizer). Quantized GGUF weights are dequantized to `dtype`.
+
+    A folder saved by spinquant loads as its packed runtime model (verify: check its sha256 manifest);
+    float_only refuses one, for commands that quantize a floating-point model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    quantized = load_spinquant_checkpoint(name, dtype, device)
+    if float_only:
+        from .runtime.checkpoint import is_quantized_checkpoint
+
+        path = user_path(name)
+        if path.is_dir() and is_quantized_checkpoint(path):
+            raise SpinQuantError(f"{name} is a model spinquant already quantized; pass the floating-point model "
+                                 "it came from (evaluate this one with: spinquant eval DIR)")
+    quantized = load_spinquant_checkpoint(name, dtype, device, verify)
     if quantized is not None:
         return quantized
     source, gguf_file = resolve(name)
@@ -72,7 +98,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would bury a one-line error below it
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
     except SpinQuantError:
         raise
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a pickle that is not just tensors
@@ -91,6 +117,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         if bars:
             hf_logging.enable_progress_bar()
         logging.getLogger("transformers").setLevel(logging.WARNING)
+    missing = [k for k in info.get("missing_keys", ()) if not _tied_head(model, k)]
+    if missing:  # transformers fills them with random numbers and carries on
+        raise SpinQuantError(f"model {name!r}: its weights lack {len(missing)} tensors (e.g. {min(missing)}); "
+                             "the weights file is incomplete or from another model: restore it")
     from .models import adapter_for
 
     adapter_for(model)  # unsupported architectures fail here, before any work
@@ -99,13 +129,19 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     return model, tokenizer
 
 
-def load_spinquant_checkpoint(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def _tied_head(model, key: str) -> bool:
+    """A missing lm_head weight is expected when the model ties it to the embedding."""
+    return key.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def load_spinquant_checkpoint(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                              verify: bool = True):
     """(runtime model, tokenizer) when `name` is a folder saved by `spinquant quantize --output`, else None."""
     from .runtime.checkpoint import is_quantized_checkpoint, load_quantized
 
-    path = Path(name).expanduser()
+    path = user_path(name)
     if not path.is_dir() or not is_quantized_checkpoint(path):
         return None
-    model, tokenizer = load_quantized(path, dtype=dtype, device=device)
+    model, tokenizer = load_quantized(path, dtype=dtype, device=device, verify=verify)
     model.spinquant_source = name
     return model, tokenizer

@@ -132,7 +132,7 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progres
         return init
     from .train import train_rotations
 
-    log_stem = cfg.rotation.save_file or (f"{cfg.output.rstrip('/')}-rotation" if cfg.output else None)
+    log_stem = cfg.loss_curve_stem()
     # Training needs every layer for each step: under torchrun FSDP2 shards the model onto the ranks' devices;
     # a single process with --offload holds the whole model on the device while it trains.
     with on_device(None if distributed.launched() else stream, parts.model):

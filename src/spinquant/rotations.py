@@ -30,8 +30,10 @@ class Rotations:
     def to(self, dtype: torch.dtype) -> Rotations:
         return Rotations(self.r1.to(dtype), [r.to(dtype) for r in self.r2])
 
-    def check(self, hidden: int, head_dim: int, num_layers: int) -> None:
-        """Refuse rotations of the wrong shape, non-finite or non-orthogonal ones, naming the problem."""
+    def check(self, hidden: int, head_dim: int, num_layers: int,
+              fix: str = "retrain or use another rotation file") -> None:
+        """Refuse rotations of the wrong shape, non-finite or non-orthogonal ones, naming the problem. Every
+        rotation that comes from a file (rotation files, training checkpoints) passes here before use."""
         if len(self.r2) != num_layers:
             raise SpinQuantError(
                 f"rotation file has R2 for {len(self.r2)} layers, the model has {num_layers}; "
@@ -43,15 +45,17 @@ class Rotations:
                     f"{name} has shape {tuple(r.shape)}, expected ({n}, {n}); "
                     "use a rotation file trained for this model"
                 )
-            if not torch.isfinite(r).all():
-                raise SpinQuantError(f"{name} contains NaN or inf; retrain or use another rotation file")
-            r64 = r.double()
-            err = (r64.T @ r64 - torch.eye(n, dtype=torch.float64)).abs().max().item()
-            if err > ORTHOGONALITY_TOL:
-                raise SpinQuantError(
-                    f"{name} is not orthogonal (max |RᵀR - I| = {err:.2e}); it is not a rotation: "
-                    "retrain or use another rotation file"
-                )
+            check_orthogonal(name, r, fix)
+
+
+def check_orthogonal(name: str, r: torch.Tensor, fix: str) -> None:
+    """Refuse a matrix that is not a finite orthogonal one (RᵀR = I to ORTHOGONALITY_TOL)."""
+    if not r.is_floating_point() or not torch.isfinite(r).all():
+        raise SpinQuantError(f"{name} contains NaN or inf; {fix}")
+    r64 = r.double()
+    err = (r64.T @ r64 - torch.eye(r.shape[-1], dtype=torch.float64)).abs().max().item()
+    if err > ORTHOGONALITY_TOL:
+        raise SpinQuantError(f"{name} is not orthogonal (max |RᵀR - I| = {err:.2e}); it is not a rotation: {fix}")
 
 
 def make_rotations(

@@ -30,7 +30,7 @@ from .nn import QuantLinear
 from .pipeline import set_activation_quant
 from .quant.quantizer import fake_quantize_weight, search_clip_ratio, to_groups
 from .rotate import rotate_heads_in, rotate_heads_out, rotate_in, rotate_out
-from .rotations import Rotations
+from .rotations import Rotations, check_orthogonal
 
 
 class RotationParams(nn.Module):
@@ -399,7 +399,7 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenize
     else:
         summary["peak_rss_gb"] = max(rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
     if log_dir is not None and distributed.is_main():
-        write_loss_curve(losses, Path(log_dir))
+        write_loss_curve(losses, Path(log_dir), overwrite=cfg.overwrite)
     return TrainResult(rotations=good, losses=losses, summary=summary)
 
 
@@ -437,18 +437,38 @@ def load_checkpoint(path, rot: RotationParams, optimizer, scheduler,
     except Exception as e:  # noqa: BLE001 - corrupt, hostile or mismatched files all mean "cannot resume"
         raise SpinQuantError(f"cannot resume from {path} ({unpickling_refusal(e)}); it is corrupt, hostile or "
                              "from another model: start again without --resume") from None
-    if state["step"] > total_steps:
-        raise SpinQuantError(f"{path} is at step {state['step']}, past --train-steps {total_steps}; "
+    # Resumed state is untrusted input, checked like a rotation file before anything is trained or written.
+    start = "start again without --resume"
+    step, losses = state.get("step"), state.get("losses")
+    if type(step) is not int or step < 0:
+        raise SpinQuantError(f"{path} records step {step!r}, not a step count; it is corrupt: {start}")
+    if step > total_steps:
+        raise SpinQuantError(f"{path} is at step {step}, past --train-steps {total_steps}; "
                              "raise --train-steps or start again")
-    return int(state["step"]), state["losses"].tolist(), dict(state.get("clip_ratios", {}))
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or len(losses) != step:
+        raise SpinQuantError(f"{path} holds a loss history that does not match its step {step}; it is corrupt: {start}")
+    clips = state.get("clip_ratios", {})
+    if not isinstance(clips, dict) or not all(isinstance(v, torch.Tensor) and torch.isfinite(v).all()
+                                              for v in clips.values()):
+        raise SpinQuantError(f"{path} holds non-finite clip ratios; it is corrupt: {start}")
+    with torch.no_grad():
+        for name, r in [("R1", rot.r1)] + [(f"R2[{i}]", r) for i, r in enumerate(rot.r2)]:
+            check_orthogonal(f"{name} in {path}", r, start)
+    return step, losses.tolist(), dict(clips)
 
 
-def write_loss_curve(losses: list[float], stem: Path) -> list[Path]:
-    """`<stem>.loss.csv` always, `<stem>.loss.png` when matplotlib is installed."""
+def loss_curve_files(stem: str | Path) -> tuple[Path, Path]:
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".loss.csv"), stem.with_name(stem.name + ".loss.png")
+
+
+def write_loss_curve(losses: list[float], stem: Path, overwrite: bool = False) -> list[Path]:
+    """`<stem>.loss.csv` always, `<stem>.loss.png` when matplotlib is installed; an existing one is
+    replaced only with overwrite (checked before training starts, see cli._check_side_outputs)."""
     from .io import atomic_path
 
-    csv_path = stem.with_name(stem.name + ".loss.csv")
-    with atomic_path(csv_path, overwrite=True) as tmp, open(tmp, "w", newline="") as f:
+    csv_path, png = loss_curve_files(stem)
+    with atomic_path(csv_path, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows(enumerate(losses))
@@ -467,8 +487,7 @@ def write_loss_curve(losses: list[float], stem: Path) -> list[Path]:
     ax.set_title("SpinQuant rotation training")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png = stem.with_name(stem.name + ".loss.png")
-    with atomic_path(png, overwrite=True) as tmp:
+    with atomic_path(png, overwrite=overwrite) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return written + [png]

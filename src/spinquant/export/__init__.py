@@ -11,6 +11,7 @@ Each takes the in-memory model after `spinquant.quantize`; the first two also ta
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,14 @@ def export(model: Any, tokenizer: Any, fmt: str, out: str | Path, overwrite: boo
     raise SpinQuantError(f"export format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
 
 
-def run_export(model: Any, tokenizer: Any, request: ExportRequest) -> Path:
+def run_export(model: Any, tokenizer: Any, request: ExportRequest, verify: bool = True) -> Path:
+    if isinstance(model, (str, Path)):  # a saved folder: read (and, unless told not to, verify) it once here
+        from .source import source_from_checkpoint
+
+        if not verify:
+            print(f"spinquant: warning: --no-verify: {model} is exported without checking its sha256 manifest",
+                  file=sys.stderr)
+        model = source_from_checkpoint(model, verify=verify)
     return export(model, tokenizer, request.format, request.output, overwrite=request.overwrite,
                   gguf_type=request.gguf_type, dtype=request.dtype)
 

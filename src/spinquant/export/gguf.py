@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import SpinQuantError
-from ..io import atomic_path
+from ..io import atomic_path, user_path
 from ..quant.quantizer import QuantizedTensor
 from .source import ExportSource, as_source
 
@@ -133,7 +133,7 @@ def source_gguf(name: str | None) -> Path | None:
             return builtin_gguf(name)
         except SpinQuantError:
             return None
-    path = Path(name).expanduser()
+    path = user_path(name)
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 

@@ -9,7 +9,6 @@ active. R1/R2 are already merged into the weights either way.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,34 +168,27 @@ def _float_table(prefix: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor 
     return None
 
 
-def source_from_checkpoint(path: str | Path) -> ExportSource:
+def source_from_checkpoint(path: str | Path, verify: bool = True) -> ExportSource:
     """Read a folder saved by `spinquant quantize --output` (JSON + safetensors only, nothing unpickled)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from ..runtime.checkpoint import FORMAT, FORMAT_VERSION, WEIGHTS_FILE, spec_from_dict, verify_checkpoint
+    from ..runtime.checkpoint import (
+        check_layout,
+        config_from_manifest,
+        load_tensors,
+        quant_specs,
+        read_manifest,
+    )
     from ..runtime.packing import unpack_codes
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise SpinQuantError(f"{path} is not a model folder (no config.json); pass a folder saved by "
-                             "spinquant quantize --output DIR")
-    data = json.loads(cfg_file.read_text())
-    section = data.pop("spinquant", None)
-    if not isinstance(section, dict) or section.get("format") != FORMAT:
-        raise SpinQuantError(f"{path} is not a spinquant checkpoint; save one with spinquant quantize --output DIR "
-                             "(or export from Python with spinquant.export.export_* on the quantized model)")
-    if int(section.get("format_version", 0)) > FORMAT_VERSION:
-        raise SpinQuantError(f"{path} has checkpoint format v{section.get('format_version')}; this spinquant "
-                             f"reads v{FORMAT_VERSION}: upgrade spinquant")
-    verify_checkpoint(path, data, section)
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    q = section["quantization"]
-    weight, act, key, value = (spec_from_dict(q[k]) for k in ("weight", "act", "key", "value"))
-    model_type = data.pop("model_type")
-    config = clean_config(AutoConfig.for_model(model_type, **data))
-    adapter = adapter_for(model_type)
+    data, section = read_manifest(path, verify)
+    weight, act, key, value = quant_specs(section, path)
+    tensors = load_tensors(path)
+    config = config_from_manifest(data, path)
+    check_layout(config, section, weight, tensors, path)
+    config = clean_config(config)
+    adapter = adapter_for(config.model_type)
     linears: dict[str, ExportLinear] = {}
     for i in range(int(config.num_hidden_layers)):
         for role in ("q", "k", "v", "o", "gate", "up", "down"):

@@ -110,7 +110,11 @@ def chat_loop(model, tokenizer, max_new_tokens: int = 256, temperature: float = 
         if interactive:
             out.write("> ")
             out.flush()
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError as e:
+            raise SpinQuantError(f"input line {turns + 1} is not UTF-8 text (byte {e.object[e.start]:#04x}); "
+                                 "set the terminal or file to UTF-8") from None
         if not line:
             break
         text = line.strip()
