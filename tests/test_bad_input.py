@@ -403,6 +403,23 @@ CASES = {
     "negative seed": Case(lambda c: c.quantize("--seed", "-1"), "out of range"),
     "lr nan": Case(lambda c: c.learned("--lr", "nan"), "learning rate"),
     "clip ratio nan": Case(lambda c: c.quantize("--a-clip", "nan"), "clip ratio"),
+    # found by benchmarks/fuzz_cli.py
+    "k-bits 0 (was read as 'not given')": Case(lambda c: c.quantize("--k-bits", "0"), "key-cache bits = 0"),
+    "empty --output (an unset shell variable)": Case(lambda c: c.quantize("--output", ""), "must not be empty"),
+    "empty model path (eval)": Case(lambda c: ["eval", "", "--eval-data", str(c.inp / "eval.txt")],
+                                    "must not be empty"),
+    "train-steps 10^20": Case(lambda c: c.learned("--train-steps", str(10**20)), "too large"),
+    "train checkpoint onto a user's file": Case(lambda c: c.learned("--train-checkpoint", str(c.inp / "eval.txt")),
+                                                "already exists"),
+    "train checkpoint onto /dev/null": Case(lambda c: c.learned("--train-checkpoint", "/dev/null", "--overwrite"),
+                                            "device, pipe or socket"),
+    "cost-decode past the context": Case(lambda c: ["compare", "--model", str(c.tiny), "--eval-data",
+                                                    str(c.inp / "eval.txt"), "--seq-len", "64", "--methods", "fp",
+                                                    "--cost-decode", str(10**9)], "--cost-decode"),
+    "max-new-tokens past the context": Case(lambda c: ["generate", str(c.inp / "saved"), "hi", "--max-new-tokens",
+                                                       str(10**9)], "exceeds the model's context"),
+    "temperature nan": Case(lambda c: ["generate", str(c.inp / "saved"), "hi", "--temperature", "nan"],
+                            "temperature"),
     "saved folder as --model": Case(lambda c: c.quantize(model=c.inp / "saved"), "already quantized", sub=True),
 }
 

@@ -31,6 +31,14 @@ def check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
                              "or less")
 
 
+def check_new_tokens(model, n: int, flag: str) -> None:
+    """Tokens to generate after at least one prompt token must fit the context (or generation never ends)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and n >= limit:
+        raise SpinQuantError(f"{flag} {n} exceeds the model's context of {limit} tokens (prompt included); use "
+                             f"{flag} {limit - 1} or less")
+
+
 def check_calibration_seq_len(model, cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
     """Training and GPTQ windows must fit the model's context too; checked before any work."""
     learned = cfg.rotation.mode == "learned" or "learned" in methods
@@ -195,6 +203,8 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
             check_writable(Path(out), cfg.overwrite)  # before the comparison runs, not after
     base, tokenizer = load_model(cfg.model, device=model_device(cfg), float_only=True)
     check_calibration_seq_len(base, cfg, tuple(methods))
+    if cost:  # the timed prompt and decode must fit the context (a huge --cost-decode would never end)
+        check_new_tokens(base, cost.get("decode_tokens", 32), "--cost-decode")
     windows = eval_windows(cfg, base, tokenizer)
     rows = []
     for method in methods:
@@ -296,6 +306,7 @@ def run_generate(model_name: str, prompt: str, max_new_tokens: int = 64, tempera
         raise SpinQuantError("the prompt is empty; give some text to continue")
     torch.manual_seed(seed)
     model, tokenizer = load_model(model_name, verify=verify)
+    check_new_tokens(model, max_new_tokens, "--max-new-tokens")
     result = generate_text(model, tokenizer, prompt, max_new_tokens, temperature, out=sys.stdout if stream else None)
     return {"model": model_name, **result}
 

@@ -35,11 +35,21 @@ def _positive(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most {2**31 - 1})")
     return value
 
 
+def _path(text: str) -> str:
+    """A path or name the user typed: an empty one (e.g. from an unset shell variable) is refused rather
+    than read as 'not given', which would skip the output or fall back to a default model."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_MODEL, type=_path,
                    help=f"HF folder, hub id, .gguf file or built-in name (default: {DEFAULT_MODEL})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
@@ -57,7 +67,7 @@ def add_verify_arg(p: argparse.ArgumentParser) -> None:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-data", default="wikitext2", help="wikitext2 (test split), c4, or a text/JSONL file")
+    g.add_argument("--eval-data", default="wikitext2", type=_path, help="wikitext2 (test split), c4, or a text/JSONL file")
     g.add_argument("--seq-len", type=_positive, default=2048, help="perplexity window length (tokens)")
     g.add_argument("--max-windows", type=_positive, default=16, help="evaluate the first N windows")
     g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
@@ -72,7 +82,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("export (from the quantized model in memory)")
     g.add_argument("--export", choices=FORMATS, help="also write the model in this format")
-    g.add_argument("--export-output", help="file (gguf, rotations) or folder (compressed-tensors) to write")
+    g.add_argument("--export-output", type=_path, help="file (gguf, rotations) or folder (compressed-tensors) to write")
     g.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type (default Q8_0)")
     g.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
                    help="compressed-tensors: dtype of scales and float tensors (default bfloat16)")
@@ -115,9 +125,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--rotation", choices=("none", "hadamard", "random", "learned"), default="hadamard")
     r.add_argument("--no-r3", action="store_true", help="no online Hadamard on Q/K (R3)")
     r.add_argument("--no-r4", action="store_true", help="no online Hadamard before down_proj (R4)")
-    r.add_argument("--rotation-file", help="with --rotation learned: load these rotations instead of training")
-    r.add_argument("--save-rotation", help="write the R1/R2 used to this file (safetensors)")
-    r.add_argument("--calib-data", default="wikitext2-valid",
+    r.add_argument("--rotation-file", type=_path, help="with --rotation learned: load these rotations instead of training")
+    r.add_argument("--save-rotation", type=_path, help="write the R1/R2 used to this file (safetensors)")
+    r.add_argument("--calib-data", default="wikitext2-valid", type=_path,
                    help="calibration text for training and GPTQ: wikitext2-valid, c4, or a text/JSONL file")
 
     t = p.add_argument_group("rotation training (--rotation learned)")
@@ -131,12 +141,12 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--train-ste", choices=STE_KINDS, default="identity",
                    help="gradient of the activation/KV quantizers where they clip: pass it through (default) "
                         "or drop it")
-    t.add_argument("--train-checkpoint", help="keep the training state in this file (also on Ctrl-C or NaN)")
+    t.add_argument("--train-checkpoint", type=_path, help="keep the training state in this file (also on Ctrl-C or NaN)")
     t.add_argument("--train-checkpoint-every", type=_positive, help="write the checkpoint every N steps")
-    t.add_argument("--resume", help="continue training from this checkpoint (same model, data and seed)")
+    t.add_argument("--resume", type=_path, help="continue training from this checkpoint (same model, data and seed)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--output", help="save the quantized model to this folder")
+    o.add_argument("--output", type=_path, help="save the quantized model to this folder")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
     o.add_argument("--tables", choices=TABLE_DTYPES, default="int8",
                    help="how the quantized model stores its embedding and lm_head, in memory as in --output "
@@ -157,8 +167,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     cfg.quant = QuantConfig(
         weight=QuantSpec(a.w_bits, symmetric=not a.w_asym, group_size=a.w_group, clip_search=not a.no_w_clip_search),
         act=QuantSpec(a.a_bits, symmetric=a.a_sym, group_size=a.a_group, clip_ratio=a.a_clip),
-        key=QuantSpec(a.k_bits or a.kv_bits, symmetric=False, clip_ratio=a.kv_clip),
-        value=QuantSpec(a.v_bits or a.kv_bits, symmetric=False, clip_ratio=a.kv_clip),
+        key=QuantSpec(a.kv_bits if a.k_bits is None else a.k_bits, symmetric=False, clip_ratio=a.kv_clip),
+        value=QuantSpec(a.kv_bits if a.v_bits is None else a.v_bits, symmetric=False, clip_ratio=a.kv_clip),
         weight_method=a.weight_quant,
     )
     # compare picks each row's rotation from --methods; a --rotation-file there is the learned row's.
@@ -201,7 +211,8 @@ def _check_side_outputs(cfg: RunConfig) -> None:
             check_writable(f, cfg.overwrite, directory=False)
     ckpt = cfg.train.checkpoint
     if ckpt and cfg.rotation.mode == "learned" and not cfg.rotation.rotation_file and ckpt != cfg.train.resume:
-        check_writable(Path(ckpt), overwrite=True, directory=False)  # training rewrites it on every save
+        # A file there already is the user's (training then rewrites its own checkpoint on every save).
+        check_writable(Path(ckpt), cfg.overwrite, directory=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,13 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the floating-point model, or a folder saved by quantize --output")
     add_model_args(e)
     add_eval_args(e)
-    e.add_argument("path", nargs="?", help="model folder (same as --model), e.g. a saved quantized model")
+    e.add_argument("path", nargs="?", type=_path, help="model folder (same as --model), e.g. a saved quantized model")
     add_verify_arg(e)
 
     for name, text in (("generate", "continue a prompt with a model (a saved quantized folder or any model)"),
                        ("chat", "chat on stdin/stdout with a model; EOF or 'exit' ends it")):
         g = sub.add_parser(name, help=text)
-        g.add_argument("model", help="model folder (e.g. from quantize --output), .gguf file, hub id or built-in")
+        g.add_argument("model", type=_path, help="model folder (e.g. from quantize --output), .gguf file, hub id or built-in")
         if name == "generate":
             g.add_argument("prompt", help="text to continue")
         g.add_argument("--max-new-tokens", type=_positive, default=64 if name == "generate" else 256)
@@ -239,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(c)
     c.add_argument("--methods", default="fp,rtn,hadamard",
                    help="comma list of fp, rtn (no rotation), hadamard, random, learned")
-    c.add_argument("--markdown", help="also write the table as Markdown to this file")
-    c.add_argument("--plot", help="also write a PNG chart (perplexity, log scale; accuracy with --tasks; speed "
+    c.add_argument("--markdown", type=_path, help="also write the table as Markdown to this file")
+    c.add_argument("--plot", type=_path, help="also write a PNG chart (perplexity, log scale; accuracy with --tasks; speed "
                                   "against size) to this file, and the Markdown table beside it")
     c.add_argument("--no-cost", action="store_true",
                    help="skip the inference-cost columns (size, peak memory, prefill and decode tokens/s)")
@@ -248,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cost-decode", type=_positive, default=32, help="tokens timed for decode (default 32)")
 
     x = sub.add_parser("export", help="write a folder saved by quantize --output as compressed-tensors or GGUF")
-    x.add_argument("model", metavar="SRC", help="quantized model folder from spinquant quantize --output")
+    x.add_argument("model", metavar="SRC", type=_path, help="quantized model folder from spinquant quantize --output")
     x.add_argument("--format", required=True, choices=("compressed-tensors", "gguf"),
                    help="compressed-tensors (vLLM, transformers) or gguf (llama.cpp; needs --no-r3 --no-r4)")
-    x.add_argument("--output", required=True, help="folder (compressed-tensors) or .gguf file to write")
+    x.add_argument("--output", required=True, type=_path, help="folder (compressed-tensors) or .gguf file to write")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     from .export import DTYPE_CHOICES, WEIGHT_TYPES
 

@@ -26,6 +26,8 @@ def check_writable(path: Path, overwrite: bool, directory: bool | None = None) -
     """Refuse, before any work, an output that exists (without overwrite), is of the wrong kind, or cannot
     be created. `directory`: True for a folder output, False for a file, None when either is fine."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise SpinQuantError(f"{path} is a device, pipe or socket, not a file or folder; choose an output path")
     if path.exists():
         if not overwrite:
             raise SpinQuantError(f"{path} already exists; choose another output path or pass --overwrite")

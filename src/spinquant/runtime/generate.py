@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -14,8 +15,8 @@ from ..errors import SpinQuantError
 def _sampling(tokenizer, max_new_tokens: int, temperature: float) -> dict:
     if max_new_tokens <= 0:
         raise SpinQuantError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise SpinQuantError(f"--temperature must be 0 (greedy) or positive, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SpinQuantError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
     kwargs: dict = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
@@ -42,6 +43,10 @@ def _generate(model, tokenizer, input_ids: torch.Tensor, kwargs: dict, out: Text
         streamer = _To(tokenizer, skip_prompt=True, skip_special_tokens=True)
     from .decode import engine_for
 
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:  # a chat history past the context keeps its end; generation stops where the context ends
+        input_ids = input_ids[:, -(limit - 1):]
+        kwargs = {**kwargs, "max_new_tokens": min(kwargs["max_new_tokens"], limit - input_ids.shape[1])}
     engine = engine_for(model) if input_ids.shape[0] == 1 else None
     device = next(model.parameters(), torch.empty(0)).device
     input_ids = input_ids.to(device)
@@ -79,6 +84,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
         raise SpinQuantError("the model folder has no tokenizer; save it with its tokenizer")
     kwargs = _sampling(tokenizer, max_new_tokens, temperature)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and input_ids.shape[1] >= limit:
+        raise SpinQuantError(f"the prompt is {input_ids.shape[1]} tokens, the model's context {limit}; shorten it")
     text, n, seconds = _generate(model, tokenizer, input_ids, kwargs, out)
     return {"prompt": prompt, "text": text, "new_tokens": n, "seconds": seconds,
             "tokens_per_s": n / seconds if seconds > 0 else None}
