@@ -20,7 +20,7 @@ import torch
 
 from spinquant.api import eval_windows, method_config
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
-from spinquant.evaluate import perplexity
+from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
 

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spinquant.loading import DEFAULT_MODEL, builtin_gguf
+from spinquant.config import DEFAULT_MODEL
+from spinquant.models.builtin import builtin_gguf
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -81,7 +81,7 @@ def random_packed_tensors(config, w_bits: int, device: torch.device, seed: int) 
 
 def section(w_bits: int, a_bits: int, kv_bits: int, config) -> dict:
     from spinquant.config import QuantSpec
-    from spinquant.runtime.checkpoint import FORMAT, FORMAT_VERSION, spec_to_dict
+    from spinquant.runtime.manifest import FORMAT, FORMAT_VERSION, spec_to_dict
 
     kv = QuantSpec(kv_bits, symmetric=False, clip_ratio=0.95)
     return {"format": FORMAT, "format_version": FORMAT_VERSION,

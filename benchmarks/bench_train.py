@@ -145,7 +145,7 @@ def matmul_params(parts) -> int:
 def float64_rebuild(installed) -> None:
     """Make every wrapper rebuild W·R in float64 on each forward, as the reference implementation does;
     `RotatedLinear` rotates in the weight's dtype instead (the float teacher skips the rotations in both)."""
-    from spinquant.train import RotatedLinear
+    from spinquant.training.loop import RotatedLinear
 
     class Float64Rebuild(RotatedLinear):
         def rotated(self, dtype=None):
@@ -158,13 +158,13 @@ def float64_rebuild(installed) -> None:
 
 
 def run_variant(a, variant: str, device: torch.device) -> dict:
-    from spinquant.cayley import CayleySGD, lr_schedule
     from spinquant.config import QuantConfig, RunConfig
     from spinquant.models import model_parts
-    from spinquant.pipeline import install_modules, set_activation_quant
-    from spinquant.rotate import prepare
-    from spinquant.rotations import make_rotations
-    from spinquant.train import (
+    from spinquant.quant.install import install_modules, set_activation_quant
+    from spinquant.rotation.merge import prepare
+    from spinquant.rotation.sets import make_rotations
+    from spinquant.training.cayley import CayleySGD, lr_schedule
+    from spinquant.training.loop import (
         RotationParams,
         _Installed,
         _train_step,

@@ -62,7 +62,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the record here")
     a = p.parse_args()
 
-    from spinquant.loading import DEFAULT_MODEL, builtin_gguf
+    from spinquant.config import DEFAULT_MODEL
+    from spinquant.models.builtin import builtin_gguf
 
     configs = [c for c in a.configs.split(",") if c]
     subprocess.run([sys.executable, str(HERE / "bench_runtime.py"), "--configs", ",".join(configs),

@@ -23,7 +23,13 @@ import torch
 
 from spinquant.api import method_config
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
-from spinquant.lm_eval_bridge import average_accuracy, check_tasks, evaluate_tasks, main_metric, parse_tasks
+from spinquant.evaluation.lm_eval_bridge import (
+    average_accuracy,
+    check_tasks,
+    evaluate_tasks,
+    main_metric,
+    parse_tasks,
+)
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
 

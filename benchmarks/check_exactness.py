@@ -41,7 +41,7 @@ def main() -> int:
 
     from spinquant.api import eval_windows
     from spinquant.config import QuantSpec, RunConfig
-    from spinquant.evaluate import perplexity
+    from spinquant.evaluation.scoring import perplexity
     from spinquant.loading import load_model
     from spinquant.pipeline import quantize_model
     from spinquant.runtime import load_quantized, save_quantized

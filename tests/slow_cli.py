@@ -9,8 +9,8 @@ import os
 import sys
 import time
 
-from spinquant import train
 from spinquant.cli import main
+from spinquant.training import loop as train
 
 _sleep = float(os.environ.get("SPINQUANT_TEST_STEP_SLEEP", "0"))
 

@@ -22,12 +22,11 @@ import pytest
 import torch
 import transformers
 from conftest import byte_tokenizer
-
 from safetensors.torch import load_file, save_file
 
 from spinquant.cli import main
-from spinquant.rotations import Rotations, make_rotations, save_rotations
-from spinquant.runtime.checkpoint import FORMAT, config_digest, sha256_file
+from spinquant.rotation.sets import Rotations, make_rotations, save_rotations
+from spinquant.runtime.manifest import FORMAT, config_digest, sha256_file
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -211,7 +210,7 @@ class Ctx:
         return f"/dev/fd/{r}"
 
     def wikitext_test(self) -> Path:
-        from spinquant.data import shared_data_dir
+        from spinquant.evaluation.data import shared_data_dir
 
         root = shared_data_dir()
         if root is None or not (root / "wikitext-2-raw" / "wiki.test.raw").is_file():

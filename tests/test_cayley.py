@@ -4,9 +4,9 @@ import itertools
 
 import torch
 
-from spinquant.cayley import CayleySGD, lr_schedule, nearest_orthogonal, skew_direction
-from spinquant.hadamard import random_hadamard, random_orthogonal
 from spinquant.quant.quantizer import round_ste
+from spinquant.rotation.hadamard import random_hadamard, random_orthogonal
+from spinquant.training.cayley import CayleySGD, lr_schedule, nearest_orthogonal, skew_direction
 
 
 def orth_error(r: torch.Tensor) -> float:

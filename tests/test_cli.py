@@ -134,3 +134,24 @@ def test_tables_flag_sets_embedding_storage(tiny_dir, files, capsys, tmp_path):
         assert tables and all(f.get_tensor(k).dtype in (torch.float16, torch.float32) for k in tables)
         assert any(f.get_tensor(k).dtype == torch.float16 for k in tables)
         assert not any(k.endswith(".qweight") for k in tables)
+
+
+def test_flag_defaults_are_the_config_defaults_and_help_shows_them():
+    from spinquant.cli import build_parser, config_from_args
+    from spinquant.config import RunConfig
+
+    parser = build_parser()
+    cfg, ref = config_from_args(parser.parse_args(["quantize"])), RunConfig()
+    assert cfg.quant == ref.quant
+    assert (cfg.eval.data, cfg.eval.seq_len, cfg.eval.max_windows) == (ref.eval.data, ref.eval.seq_len,
+                                                                      ref.eval.max_windows)
+    assert (cfg.gptq.samples, cfg.gptq.seq_len, cfg.gptq.calib_data) == (ref.gptq.samples, ref.gptq.seq_len,
+                                                                         ref.gptq.calib_data)
+    assert (cfg.rotation.mode, cfg.seed, cfg.device, cfg.tables, cfg.model) == (
+        ref.rotation.mode, ref.seed, ref.device, ref.tables, ref.model)
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["quantize"].format_help().split())
+    for flag, value in (("--w-bits", ref.quant.weight.bits), ("--a-clip", ref.quant.act.clip_ratio),
+                        ("--seed", ref.seed), ("--max-windows", ref.eval.max_windows),
+                        ("--gptq-samples", ref.gptq.samples), ("--rotation", ref.rotation.mode)):
+        after = help_text.split(f" {flag} ", 1)[1]
+        assert f"(default: {value})" in after.split(" --", 1)[0], flag

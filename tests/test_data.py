@@ -1,4 +1,4 @@
-"""Text loading, windowing and calibration sampling in spinquant.data."""
+"""Text loading, windowing and calibration sampling in spinquant.evaluation.data."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import byte_tokenizer
 
-from spinquant import data
-from spinquant.data import calibration_batches, load_text, shared_data_dir, tokenize_windows
 from spinquant.errors import SpinQuantError
+from spinquant.evaluation import data
+from spinquant.evaluation.data import calibration_batches, load_text, shared_data_dir, tokenize_windows
 
 
 class CountingTokenizer:

@@ -93,7 +93,7 @@ def test_native_rms_norm_rope_and_silu_match_their_pytorch_formulas():
 
 @pytest.mark.parametrize("n", [64, 96, 1536, 2048])
 def test_native_hadamard_rows_is_the_online_hadamard(n):
-    from spinquant.hadamard import hadamard_base, online_hadamard
+    from spinquant.rotation.hadamard import hadamard_base, online_hadamard
 
     x = torch.randn(4, n, generator=torch.Generator().manual_seed(n))
     torch.testing.assert_close(native.kernels().hadamard_rows(x, hadamard_base(n)), online_hadamard(x),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from spinquant.rotations import Rotations
+from spinquant.rotation.sets import Rotations
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -29,10 +29,10 @@ def _train(out: str | None = None) -> Rotations:
     from test_train import tiny_train_config
 
     from spinquant.models import model_parts
-    from spinquant.pipeline import install_modules
-    from spinquant.rotate import prepare
-    from spinquant.rotations import make_rotations
-    from spinquant.train import train_rotations
+    from spinquant.quant.install import install_modules
+    from spinquant.rotation.merge import prepare
+    from spinquant.rotation.sets import make_rotations
+    from spinquant.training.loop import train_rotations
 
     torch.set_num_threads(1)
     model = tiny_model("llama")
@@ -82,7 +82,7 @@ def test_two_gloo_processes_learn_the_rotations_of_one(tmp_path, one_thread):
 
 
 def make_init_r1() -> torch.Tensor:
-    from spinquant.rotations import make_rotations
+    from spinquant.rotation.sets import make_rotations
 
     return make_rotations("learned", 64, 16, 2, seed=0).r1.float()
 

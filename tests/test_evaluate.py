@@ -1,4 +1,4 @@
-"""Perplexity and lm-eval-style zero-shot scoring in spinquant.evaluate."""
+"""Perplexity and lm-eval-style zero-shot scoring in spinquant.evaluation.scoring."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import transformers
 from conftest import byte_tokenizer
 
-from spinquant import evaluate
-from spinquant.data import shared_data_dir
 from spinquant.errors import SpinQuantError
-from spinquant.evaluate import MCItem, encode_pair, load_task, loglikelihoods, perplexity, zero_shot
+from spinquant.evaluation import scoring as evaluate
+from spinquant.evaluation.data import shared_data_dir
+from spinquant.evaluation.scoring import MCItem, encode_pair, load_task, loglikelihoods, perplexity, zero_shot
 
 VOCAB = 260
 

@@ -15,7 +15,7 @@ from spinquant.export import export_compressed_tensors, export_gguf, export_rota
 from spinquant.export.gguf import permute_qk
 from spinquant.export.source import hadamard_pm1
 from spinquant.models import model_parts
-from spinquant.rotations import load_rotations
+from spinquant.rotation.sets import load_rotations
 
 torch.set_num_threads(1)
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40

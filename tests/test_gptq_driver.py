@@ -12,14 +12,15 @@ from torch import nn
 
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
 from spinquant.errors import SpinQuantError
-from spinquant.hadamard import OnlineHadamard
 from spinquant.models import model_parts
-from spinquant.nn import QuantLinear
-from spinquant.pipeline import install_modules, quantize_model, quantize_weights_rtn, resolve_rotations
+from spinquant.pipeline import calibration_windows, quantize_model, quantize_weights_rtn, resolve_rotations
 from spinquant.quant.gptq import HessianAccumulator
 from spinquant.quant.gptq_driver import _GroupHessians, _StopForward, quantize_weights_gptq
+from spinquant.quant.install import install_modules
+from spinquant.quant.modules import QuantLinear
 from spinquant.quant.quantizer import qrange
-from spinquant.rotate import merge_r1, merge_r2, prepare
+from spinquant.rotation.hadamard import OnlineHadamard
+from spinquant.rotation.merge import merge_r1, merge_r2, prepare
 
 OFF = QuantSpec(bits=16)
 
@@ -70,7 +71,7 @@ class CharTokenizer:
 def test_every_linear_quantized_on_the_grid(family: str) -> None:
     cfg = gptq_config()
     model, parts = rotated(family, cfg)
-    summary = quantize_weights_gptq(parts, cfg, None, progress=False, calib=calib_ids(4, 16))
+    summary = quantize_weights_gptq(parts, cfg, calib_ids(4, 16), progress=False)
     assert summary["samples"] == 4 and summary["seq_len"] == 16 and summary["layers"] == len(parts.layers)
     assert summary["seconds"] > 0
     qmin, qmax = qrange(4, True)
@@ -96,7 +97,7 @@ def test_gptq_beats_rtn_on_logits(family: str) -> None:
     ref_model = tiny_model(family)
     rtn = copy.deepcopy(model)
     quantize_weights_rtn(model_parts(rtn), cfg.quant.weight, progress=False)
-    quantize_weights_gptq(parts, cfg, None, progress=False, calib=ids)
+    quantize_weights_gptq(parts, cfg, ids, progress=False)
     with torch.no_grad():
         ref = ref_model(ids).logits
         err_gptq = (model(ids).logits - ref).pow(2).mean().item()
@@ -150,7 +151,7 @@ def test_groups_are_true_sequential(monkeypatch) -> None:
 
     real = driver.gptq_quantize
     monkeypatch.setattr(driver, "gptq_quantize", recording)
-    quantize_weights_gptq(parts, cfg, None, progress=False, calib=calib_ids(2, 8))
+    quantize_weights_gptq(parts, cfg, calib_ids(2, 8), progress=False)
     roles = [r for group in driver.GROUPS for r in group]
     assert order == [(i, r) for i in range(len(parts.layers)) for r in roles]
     n = len(roles)
@@ -175,9 +176,8 @@ def test_quantize_model_calibrates_from_text(tmp_path) -> None:
 def test_calibrating_on_the_evaluation_text_is_refused() -> None:
     cfg = gptq_config()
     cfg.gptq.calib_data = cfg.eval.data
-    _, parts = rotated("llama", cfg)
     with pytest.raises(SpinQuantError, match="GPTQ calibration data and evaluation data are"):
-        quantize_weights_gptq(parts, cfg, CharTokenizer(), progress=False)
+        calibration_windows(cfg.gptq.calib_data, cfg, CharTokenizer(), 16, 2, "GPTQ calibration data")
 
 
 @pytest.mark.parametrize(
@@ -187,4 +187,4 @@ def test_bad_calibration_ids_are_refused(bad: torch.Tensor) -> None:
     cfg = gptq_config()
     _, parts = rotated("llama", cfg)
     with pytest.raises(SpinQuantError, match="calibration ids"):
-        quantize_weights_gptq(parts, cfg, None, progress=False, calib=bad)
+        quantize_weights_gptq(parts, cfg, bad, progress=False)

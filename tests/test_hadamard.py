@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spinquant.errors import SpinQuantError
-from spinquant.hadamard import (
+from spinquant.rotation.hadamard import (
     HadamardSizeError,
     OnlineHadamard,
     _base_matrix,

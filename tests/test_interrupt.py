@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from spinquant.rotations import load_rotations, make_rotations
+from spinquant.rotation.sets import load_rotations, make_rotations
 
 STEPS = 12
 HERE = Path(__file__).parent

@@ -13,11 +13,11 @@ from conftest import byte_tokenizer, tiny_model
 
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
 from spinquant.errors import SpinQuantError
-from spinquant.hadamard import fast_hadamard_transform
-from spinquant.hadamard import online_hadamard as hadamard
-from spinquant.nn import KVQuant, QuantLinear
 from spinquant.pipeline import quantize_model
+from spinquant.quant.modules import KVQuant, QuantLinear
 from spinquant.quant.quantizer import fake_quantize, quantize_activation, quantize_weight
+from spinquant.rotation.hadamard import fast_hadamard_transform
+from spinquant.rotation.hadamard import online_hadamard as hadamard
 from spinquant.runtime import load_quantized, native, save_quantized
 from spinquant.runtime.kernels import _exact_float_mm, int8_matmul
 from spinquant.runtime.kvcache import QuantKVLayer
@@ -111,7 +111,7 @@ def fake_linear(w, wspec, aspec, r4=False):
     lin.quantized = qt
     lin.act_quant.spec = aspec
     if r4:
-        from spinquant.hadamard import OnlineHadamard
+        from spinquant.rotation.hadamard import OnlineHadamard
 
         lin.input_transform = OnlineHadamard(w.shape[1])
     return lin, qt

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
-from spinquant.data import load_text, shared_data_dir, tokenize_windows
-from spinquant.evaluate import perplexity
+from spinquant.evaluation.data import load_text, shared_data_dir, tokenize_windows
+from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
 

@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 from spinquant import pipeline
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
-from spinquant.evaluate import perplexity
+from spinquant.evaluation.scoring import perplexity
 from spinquant.models import model_parts
 from spinquant.pipeline import quantize_model
 from spinquant.streaming import LayerStream

@@ -7,7 +7,7 @@ from conftest import tiny_model
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
 from spinquant.models import model_parts
 from spinquant.pipeline import quantize_model
-from spinquant.rotate import prepare
+from spinquant.rotation.merge import prepare
 
 OFF = QuantSpec(bits=16)
 
@@ -80,8 +80,8 @@ def test_generation_with_cache_matches_after_rotation():
 
 def test_rotation_algebra_is_exact_in_float64():
     """The tensor functions themselves: (W·R)(x·R)ᵀ = W xᵀ, Rᵀ-rotated outputs, per-head blocks."""
-    from spinquant.hadamard import random_hadamard
-    from spinquant.rotate import rotate_heads_in, rotate_heads_out, rotate_in, rotate_out
+    from spinquant.rotation.hadamard import random_hadamard
+    from spinquant.rotation.merge import rotate_heads_in, rotate_heads_out, rotate_in, rotate_out
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 64, dtype=torch.float64, generator=g)

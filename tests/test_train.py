@@ -7,10 +7,11 @@ from conftest import tiny_model
 
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
 from spinquant.models import model_parts
-from spinquant.pipeline import install_modules, quantize_model
-from spinquant.rotate import merge_r1, merge_r2, prepare
-from spinquant.rotations import load_rotations, make_rotations, save_rotations
-from spinquant.train import RotationParams, _Installed, train_rotations
+from spinquant.pipeline import quantize_model
+from spinquant.quant.install import install_modules
+from spinquant.rotation.merge import merge_r1, merge_r2, prepare
+from spinquant.rotation.sets import load_rotations, make_rotations, save_rotations
+from spinquant.training.loop import RotationParams, _Installed, train_rotations
 
 OFF = QuantSpec(bits=16)
 
@@ -60,7 +61,7 @@ def test_teacher_forward_is_the_float_model_and_quantizers_come_back():
     prepare(parts)
     install_modules(parts, r3=True, r4=True)
     q = QuantConfig()  # W4A4KV4
-    from spinquant.pipeline import set_activation_quant
+    from spinquant.quant.install import set_activation_quant
 
     set_activation_quant(parts, q)
     rot = make_rotations("random", parts.hidden_size, parts.head_dim, len(parts.layers), seed=1)
@@ -181,7 +182,7 @@ def test_resumed_training_reaches_the_same_rotations(tmp_path, loss):
 
     full = run()
     ckpt = tmp_path / "train.ckpt"
-    import spinquant.train as train_mod
+    import spinquant.training.loop as train_mod
 
     name = "distillation_loss" if loss == "kl" else "next_token_loss"
     original = getattr(train_mod, name)
@@ -221,8 +222,8 @@ def test_resume_refuses_a_foreign_file(tmp_path):
 
 
 def test_activation_ste_is_configurable_and_restored():
-    from spinquant.nn import ActQuantizer
-    from spinquant.train import training_act_ste
+    from spinquant.quant.modules import ActQuantizer
+    from spinquant.training.loop import training_act_ste
 
     cfg = RunConfig()
     assert training_act_ste(cfg) == "identity"  # clipped outliers still send gradient
@@ -239,7 +240,7 @@ def test_activation_ste_is_configurable_and_restored():
 
 
 def test_gptq_runs_train_with_float_weights_unless_told_otherwise():
-    from spinquant.train import training_weight_spec
+    from spinquant.training.loop import training_weight_spec
 
     cfg = RunConfig()
     assert training_weight_spec(cfg).bits == 4  # RTN: the final grid in the loop

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spinquant.cli import main
-from spinquant.runtime.checkpoint import config_digest, sha256_file
+from spinquant.runtime.manifest import config_digest, sha256_file
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 

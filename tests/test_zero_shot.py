@@ -9,10 +9,10 @@ from conftest import byte_tokenizer, tiny_model
 
 from spinquant import RunConfig, quantize
 from spinquant.cli import main
-from spinquant.data import shared_data_dir
-from spinquant.evaluate import loglikelihoods
-from spinquant.lm_eval_bridge import SPINQUANT_TASKS, average_accuracy, parse_tasks
-from spinquant.plot import comparison_markdown
+from spinquant.evaluation.data import shared_data_dir
+from spinquant.evaluation.lm_eval_bridge import SPINQUANT_TASKS, average_accuracy, parse_tasks
+from spinquant.evaluation.plot import comparison_markdown
+from spinquant.evaluation.scoring import loglikelihoods
 
 torch.set_num_threads(1)
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -108,7 +108,7 @@ def test_lm_eval_hflm_scores_like_our_evaluator():
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from spinquant.lm_eval_bridge import hflm
+    from spinquant.evaluation.lm_eval_bridge import hflm
 
     model, tok = tiny_model("llama", vocab_size=260), byte_tokenizer()
     quantize(model, tok, RunConfig(), progress=False)  # W4A4KV4 with R3/R4: HFLM runs our modules as they are
@@ -127,8 +127,8 @@ def test_lm_eval_task_results_match_the_offline_evaluator(tmp_path, monkeypatch)
     pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    from spinquant.evaluate import zero_shot
-    from spinquant.lm_eval_bridge import run_lm_eval
+    from spinquant.evaluation.lm_eval_bridge import run_lm_eval
+    from spinquant.evaluation.scoring import zero_shot
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the json builder is local; never ask the hub
     root = shared_data_dir() / "tasks" / "piqa"

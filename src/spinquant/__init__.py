@@ -3,12 +3,26 @@
 from .api import quantize, run_compare, run_eval, run_quantize
 from .config import EvalConfig, GPTQConfig, QuantConfig, QuantSpec, RotationConfig, RunConfig, TrainConfig
 from .errors import SpinQuantError
-from .evaluate import perplexity
+from .evaluation.scoring import perplexity
 from .loading import load_model
 from .runtime.checkpoint import load
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
-    "EvalConfig", "GPTQConfig", "QuantConfig", "QuantSpec", "RotationConfig", "RunConfig", "SpinQuantError",
-    "TrainConfig", "load", "load_model", "perplexity", "quantize", "run_compare", "run_eval", "run_quantize",
+    "EvalConfig",
+    "GPTQConfig",
+    "QuantConfig",
+    "QuantSpec",
+    "RotationConfig",
+    "RunConfig",
+    "SpinQuantError",
+    "TrainConfig",
+    "__version__",
+    "load",
+    "load_model",
+    "perplexity",
+    "quantize",
+    "run_compare",
+    "run_eval",
+    "run_quantize",
 ]

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from . import distributed
 from .config import QuantConfig, QuantSpec, RunConfig
-from .data import load_text, tokenize_windows
 from .errors import SpinQuantError
-from .evaluate import perplexity
+from .evaluation.data import load_text, tokenize_windows
+from .evaluation.scoring import perplexity
 from .loading import load_model
 from .models import model_parts
 from .pipeline import quantize_model
@@ -94,13 +94,13 @@ def run_tasks(cfg: RunConfig, model, tokenizer, progress: bool = True) -> dict |
     """Zero-shot accuracy on cfg.eval.tasks ({task: {acc, acc_norm, n}}), or None when no task was asked."""
     if not cfg.eval.tasks:
         return None
-    from .lm_eval_bridge import evaluate_tasks
+    from .evaluation.lm_eval_bridge import evaluate_tasks
 
     return evaluate_tasks(model, tokenizer, cfg.eval.tasks, limit=cfg.eval.task_limit, progress=progress)
 
 
 def print_tasks(results: dict, label: str = "") -> None:
-    from .lm_eval_bridge import average_accuracy, main_metric
+    from .evaluation.lm_eval_bridge import average_accuracy, main_metric
 
     table = Table(title=f"zero-shot accuracy {label}".strip())
     for col in ("task", "acc", "acc_norm", "n"):
@@ -231,7 +231,7 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
             size = size if size is not None else float_checkpoint_bytes(model)
             rows[-1]["cost"] = measure(model, size, **cost).to_dict()
         del model
-    from .plot import (
+    from .evaluation.plot import (
         accuracy_cells,
         accuracy_headers,
         cost_cells,

@@ -8,17 +8,35 @@ import sys
 from dataclasses import replace
 
 from . import api, distributed
-from .config import STE_KINDS, TABLE_DTYPES, TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
-from .data import check_calibration_differs
+from .config import DEFAULT_MODEL, STE_KINDS, TABLE_DTYPES, TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
 from .errors import SpinQuantError
-from .loading import DEFAULT_MODEL
+from .evaluation.data import check_calibration_differs
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each flag's default (taken from the config dataclasses), except empty ones."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS)
+        if shown and "default" not in text and action.option_strings:
+            text += f" (default: {default})"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but bad flags give one line and exit 2 like every other input error."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         raise SpinQuantError(f"{message}; see '{self.prog} --help'")
+
+
+DEFAULTS = RunConfig()  # every flag's default comes from the config dataclasses, not from here
 
 
 def _bits(text: str) -> int:
@@ -49,11 +67,10 @@ def _path(text: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, type=_path,
-                   help=f"HF folder, hub id, .gguf file or built-in name (default: {DEFAULT_MODEL})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=DEFAULT_MODEL, type=_path, help="HF folder, hub id, .gguf file or built-in name")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of random rotations, sampling and batches")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    p.add_argument("--device", default="auto", help="compute device: auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default=DEFAULTS.device, help="compute device: auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--offload", action="store_true",
                    help="keep the model in CPU memory and move one decoder layer at a time to --device "
                         "(merge, weights, evaluation; for models bigger than the device)")
@@ -67,9 +84,9 @@ def add_verify_arg(p: argparse.ArgumentParser) -> None:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-data", default="wikitext2", type=_path, help="wikitext2 (test split), c4, or a text/JSONL file")
-    g.add_argument("--seq-len", type=_positive, default=2048, help="perplexity window length (tokens)")
-    g.add_argument("--max-windows", type=_positive, default=16, help="evaluate the first N windows")
+    g.add_argument("--eval-data", default=DEFAULTS.eval.data, type=_path, help="wikitext2 (test split), c4, or a text/JSONL file")
+    g.add_argument("--seq-len", type=_positive, default=DEFAULTS.eval.seq_len, help="perplexity window length (tokens)")
+    g.add_argument("--max-windows", type=_positive, default=DEFAULTS.eval.max_windows, help="evaluate the first N windows")
     g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     g.add_argument("--tasks", help="zero-shot tasks, comma list: piqa, arc_easy, hellaswag run offline; other "
                                    "lm-eval names (arc_challenge, boolq, social_iqa, openbookqa, winogrande) "
@@ -83,9 +100,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("export (from the quantized model in memory)")
     g.add_argument("--export", choices=FORMATS, help="also write the model in this format")
     g.add_argument("--export-output", type=_path, help="file (gguf, rotations) or folder (compressed-tensors) to write")
-    g.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type (default Q8_0)")
+    g.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type")
     g.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
-                   help="compressed-tensors: dtype of scales and float tensors (default bfloat16)")
+                   help="compressed-tensors: dtype of scales and float tensors")
 
 
 def export_request(a: argparse.Namespace, fmt: str | None, output: str | None):
@@ -104,43 +121,49 @@ def export_request(a: argparse.Namespace, fmt: str | None, output: str | None):
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
-    g.add_argument("--w-bits", type=_bits, default=4, help="weight bits (2-8, 16 = float)")
-    g.add_argument("--a-bits", type=_bits, default=4, help="activation bits (2-8, 16 = float)")
-    g.add_argument("--kv-bits", type=_bits, default=4, help="K and V cache bits (2-8, 16 = float)")
+    q = DEFAULTS.quant
+    g.add_argument("--w-bits", type=_bits, default=q.weight.bits, help="weight bits (2-8, 16 = float)")
+    g.add_argument("--a-bits", type=_bits, default=q.act.bits, help="activation bits (2-8, 16 = float)")
+    g.add_argument("--kv-bits", type=_bits, default=q.key.bits, help="K and V cache bits (2-8, 16 = float)")
     g.add_argument("--k-bits", type=_bits, help="key cache bits (overrides --kv-bits)")
     g.add_argument("--v-bits", type=_bits, help="value cache bits (overrides --kv-bits)")
     g.add_argument("--w-group", type=int, help="weight group size (default: per output channel)")
     g.add_argument("--a-group", type=int, help="activation group size (default: per token)")
     g.add_argument("--w-asym", action="store_true", help="asymmetric weight grid")
     g.add_argument("--a-sym", action="store_true", help="symmetric activation grid")
-    g.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio")
-    g.add_argument("--kv-clip", type=float, default=0.95, help="K/V clip ratio")
+    g.add_argument("--a-clip", type=float, default=q.act.clip_ratio, help="activation clip ratio")
+    g.add_argument("--kv-clip", type=float, default=q.key.clip_ratio, help="K/V clip ratio")
     g.add_argument("--no-w-clip-search", action="store_true", help="plain min-max weight range")
-    g.add_argument("--weight-quant", choices=("rtn", "gptq"), default="rtn")
-    g.add_argument("--gptq-samples", type=_positive, default=128)
-    g.add_argument("--gptq-seq-len", type=_positive, default=2048)
-    g.add_argument("--gptq-act-order", action="store_true")
+    g.add_argument("--weight-quant", choices=("rtn", "gptq"), default=q.weight_method,
+                   help="weights by round-to-nearest (with clip search) or GPTQ on calibration text")
+    g.add_argument("--gptq-samples", type=_positive, default=DEFAULTS.gptq.samples, help="GPTQ calibration windows")
+    g.add_argument("--gptq-seq-len", type=_positive, default=DEFAULTS.gptq.seq_len,
+                   help="GPTQ calibration window length (tokens)")
+    g.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
 
     r = p.add_argument_group("rotation")
-    r.add_argument("--rotation", choices=("none", "hadamard", "random", "learned"), default="hadamard")
+    r.add_argument("--rotation", choices=("none", "hadamard", "random", "learned"), default=DEFAULTS.rotation.mode,
+                   help="R1/R2: none, random Hadamard (QuaRot), random orthogonal, or learned (SpinQuant)")
     r.add_argument("--no-r3", action="store_true", help="no online Hadamard on Q/K (R3)")
     r.add_argument("--no-r4", action="store_true", help="no online Hadamard before down_proj (R4)")
     r.add_argument("--rotation-file", type=_path, help="with --rotation learned: load these rotations instead of training")
     r.add_argument("--save-rotation", type=_path, help="write the R1/R2 used to this file (safetensors)")
-    r.add_argument("--calib-data", default="wikitext2-valid", type=_path,
+    r.add_argument("--calib-data", default=DEFAULTS.train.calib_data, type=_path,
                    help="calibration text for training and GPTQ: wikitext2-valid, c4, or a text/JSONL file")
 
     t = p.add_argument_group("rotation training (--rotation learned)")
-    t.add_argument("--train-preset", choices=sorted(TRAIN_PRESETS), default="cpu")
-    t.add_argument("--train-steps", type=_positive)
-    t.add_argument("--train-seq-len", type=_positive)
-    t.add_argument("--train-batch", type=_positive)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--train-loss", choices=("kl", "ce"), default="kl",
-                   help="kl: match the float model's next-token distribution (default); ce: the labels (paper)")
+    presets = ", ".join(f"{k}: {v['steps']} steps x {v['batch']} x {v['seq_len']} tokens, lr {v['lr']}"
+                        for k, v in sorted(TRAIN_PRESETS.items()))
+    t.add_argument("--train-preset", choices=sorted(TRAIN_PRESETS), default="cpu", help=presets)
+    t.add_argument("--train-steps", type=_positive, help="Cayley SGD steps (default: the preset's)")
+    t.add_argument("--train-seq-len", type=_positive, help="training window length (default: the preset's)")
+    t.add_argument("--train-batch", type=_positive, help="windows per step (default: the preset's)")
+    t.add_argument("--lr", type=float, help="Cayley SGD learning rate (default: the preset's)")
+    t.add_argument("--train-loss", choices=("kl", "ce"), default=DEFAULTS.train.loss,
+                   help="kl: match the float model's next-token distribution; ce: the labels (paper)")
     t.add_argument("--train-ste", choices=STE_KINDS, default="identity",
-                   help="gradient of the activation/KV quantizers where they clip: pass it through (default) "
-                        "or drop it")
+                   help="gradient of the activation/KV quantizers where they clip: pass it through (identity) "
+                        "or drop it (clipped)")
     t.add_argument("--train-checkpoint", type=_path, help="keep the training state in this file (also on Ctrl-C or NaN)")
     t.add_argument("--train-checkpoint-every", type=_positive, help="write the checkpoint every N steps")
     t.add_argument("--resume", type=_path, help="continue training from this checkpoint (same model, data and seed)")
@@ -148,7 +171,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--output", type=_path, help="save the quantized model to this folder")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    o.add_argument("--tables", choices=TABLE_DTYPES, default="int8",
+    o.add_argument("--tables", choices=TABLE_DTYPES, default=DEFAULTS.tables,
                    help="how the quantized model stores its embedding and lm_head, in memory as in --output "
                         "(int8: per row, lm_head input int8 per token; a tied model keeps one table)")
 
@@ -159,7 +182,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                     offload=getattr(a, "offload", False), verify=not getattr(a, "no_verify", False))
     cfg.eval = replace(cfg.eval, data=a.eval_data, seq_len=a.seq_len, max_windows=a.max_windows)
     if getattr(a, "tasks", None):
-        from .lm_eval_bridge import check_tasks, parse_tasks
+        from .evaluation.lm_eval_bridge import check_tasks, parse_tasks
 
         cfg.eval = replace(cfg.eval, tasks=check_tasks(parse_tasks(a.tasks)), task_limit=a.task_limit)
     if not hasattr(a, "w_bits"):
@@ -205,7 +228,7 @@ def _check_side_outputs(cfg: RunConfig) -> None:
         check_writable(Path(cfg.rotation.save_file), cfg.overwrite, directory=False)
     stem = cfg.loss_curve_stem()
     if stem:
-        from .train import loss_curve_files
+        from .training.loop import loss_curve_files
 
         for f in loss_curve_files(stem):
             check_writable(f, cfg.overwrite, directory=False)
@@ -237,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("model", type=_path, help="model folder (e.g. from quantize --output), .gguf file, hub id or built-in")
         if name == "generate":
             g.add_argument("prompt", help="text to continue")
-        g.add_argument("--max-new-tokens", type=_positive, default=64 if name == "generate" else 256)
-        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+        g.add_argument("--max-new-tokens", type=_positive, default=64 if name == "generate" else 256,
+                       help="tokens to generate" + (" per answer" if name == "chat" else "") +
+                            " (stops earlier at the end of text or of the model's context)")
+        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
         add_verify_arg(g)
@@ -255,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "against size) to this file, and the Markdown table beside it")
     c.add_argument("--no-cost", action="store_true",
                    help="skip the inference-cost columns (size, peak memory, prefill and decode tokens/s)")
-    c.add_argument("--cost-prompt", type=_positive, default=128, help="prompt tokens timed for prefill (default 128)")
-    c.add_argument("--cost-decode", type=_positive, default=32, help="tokens timed for decode (default 32)")
+    c.add_argument("--cost-prompt", type=_positive, default=128, help="prompt tokens timed for prefill")
+    c.add_argument("--cost-decode", type=_positive, default=32, help="tokens timed for decode")
 
     x = sub.add_parser("export", help="write a folder saved by quantize --output as compressed-tensors or GGUF")
     x.add_argument("model", metavar="SRC", type=_path, help="quantized model folder from spinquant quantize --output")
@@ -268,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type (default Q8_0)")
     x.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
-                   help="compressed-tensors: dtype of scales and float tensors (default bfloat16)")
+                   help="compressed-tensors: dtype of scales and float tensors")
     x.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     add_verify_arg(x)
     x.set_defaults(eval_data="wikitext2", seq_len=2048, max_windows=16, seed=0)  # unused; config_from_args reads them

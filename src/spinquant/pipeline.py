@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
-from .config import QuantConfig, QuantSpec, RunConfig
+from .config import QuantSpec, RunConfig
 from .errors import SpinQuantError
-from .hadamard import OnlineHadamard, fast_hadamard_transform, is_hadamard_size
 from .models import ModelParts, model_parts
-from .nn import KVQuant, QuantLinear, use_spinquant_attention
+from .quant.install import install_modules, set_activation_quant
 from .quant.quantizer import quantize_weight
 from .quant.tables import apply_tables
-from .rotate import merge_r1, merge_r2, prepare, update_weight
-from .rotations import Rotations, load_rotations, make_rotations
+from .rotation.hadamard import is_hadamard_size
+from .rotation.merge import merge_r1, merge_r2, prepare
+from .rotation.sets import Rotations, load_rotations, make_rotations
 from .streaming import LayerStream, each_layer, on_device, resolve_device
 
 
@@ -62,42 +62,6 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
             )
 
 
-def install_modules(parts: ModelParts, r3: bool, r4: bool) -> None:
-    """Wrap every decoder linear in QuantLinear, add R4 before down_proj and KVQuant (R3) on attention."""
-    for layer in parts.layers:
-        for role, linear in layer.linears().items():
-            layer.set(role, QuantLinear.wrap(linear))
-        if r4 and layer.down.input_transform is None:
-            down = layer.down
-            down.input_transform = OnlineHadamard(down.in_features)
-            # y = H(x)·W'ᵀ with W' = W·H/√n gives back x·Wᵀ: apply the same transform to W's rows.
-            update_weight(down, fast_hadamard_transform)
-        if getattr(layer.attention, "kv_quant", None) is None:
-            layer.attention.kv_quant = KVQuant(parts.head_dim, rotate_qk=r3)
-    use_spinquant_attention(parts.model)
-
-
-def quant_linears(parts: ModelParts):
-    """(name, QuantLinear) for every decoder linear, in layer order."""
-    for layer in parts.layers:
-        for role, linear in layer.linears().items():
-            yield f"layers.{layer.index}.{role}", linear
-
-
-def kv_spec(spec: QuantSpec) -> QuantSpec:
-    """K/V are quantized per token per head: the group is the head, whatever the user's group size."""
-    return QuantSpec(bits=spec.bits, symmetric=spec.symmetric, group_size=None, clip_ratio=spec.clip_ratio)
-
-
-def set_activation_quant(parts: ModelParts, q: QuantConfig) -> None:
-    """Configure the dynamic quantizers; lm_head's input stays in floating point."""
-    for _, linear in quant_linears(parts):
-        linear.act_quant.spec = q.act
-    for layer in parts.layers:
-        layer.attention.kv_quant.key_quant.spec = kv_spec(q.key)
-        layer.attention.kv_quant.value_quant.spec = kv_spec(q.value)
-
-
 @torch.no_grad()
 def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec, progress: bool = True,
                          stream: LayerStream | None = None) -> None:
@@ -117,6 +81,18 @@ def layer_stream(cfg: RunConfig) -> LayerStream | None:
     return LayerStream(resolve_device(cfg.device)) if cfg.offload else None
 
 
+def calibration_windows(source: str, cfg: RunConfig, tokenizer, seq_len: int, samples: int, what: str,
+                        split_hint: str | None = None) -> torch.Tensor:
+    """`samples` random windows of `seq_len` tokens of the calibration text, for training or GPTQ: the one
+    place that reads calibration text and refuses the evaluation text (read once per process, data.load_text)."""
+    from .evaluation.data import calibration_batches, check_calibration_differs, load_text
+
+    check_calibration_differs(source, cfg.eval.data, what=what)
+    if tokenizer is None:
+        raise SpinQuantError(f"{what} is text: load the model's tokenizer, or pass calib_ids (token ids)")
+    return calibration_batches(load_text(source, split_hint=split_hint), tokenizer, seq_len, samples, cfg.seed)
+
+
 def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progress: bool = True,
                       report: QuantizeReport | None = None, calib_ids: torch.Tensor | None = None,
                       stream: LayerStream | None = None) -> Rotations | None:
@@ -130,14 +106,17 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progres
     init = make_rotations(rot.mode, parts.hidden_size, parts.head_dim, n_layers, seed=cfg.seed)
     if rot.mode != "learned":
         return init
-    from .train import train_rotations
+    from .training.loop import train_rotations
 
     log_stem = cfg.loss_curve_stem()
     # Training needs every layer for each step: under torchrun FSDP2 shards the model onto the ranks' devices;
     # a single process with --offload holds the whole model on the device while it trains.
     with on_device(None if distributed.launched() else stream, parts.model):
-        result = train_rotations(parts, init, cfg, tokenizer, calib_ids=calib_ids, progress=progress,
-                                 log_dir=log_stem)
+        if calib_ids is None:
+            calib_ids = calibration_windows(cfg.train.calib_data, cfg, tokenizer, cfg.train.seq_len,
+                                            cfg.train.steps * cfg.train.batch, "rotation calibration data",
+                                            split_hint="train")
+        result = train_rotations(parts, init, cfg, calib_ids, progress=progress, log_dir=log_stem)
     if report is not None:
         report.train = result.summary
     return result.rotations
@@ -169,7 +148,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
         merge_r1(parts, rotations.r1, stream)
         merge_r2(parts, rotations.r2, stream)
         if cfg.rotation.save_file:
-            from .rotations import save_rotations
+            from .rotation.sets import save_rotations
 
             save_rotations(rotations, cfg.rotation.save_file, overwrite=cfg.overwrite)
     report.seconds["rotate"] = time.perf_counter() - t
@@ -179,8 +158,10 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
         if cfg.quant.weight_method == "gptq":
             from .quant.gptq_driver import quantize_weights_gptq
 
-            report.gptq = quantize_weights_gptq(parts, cfg, tokenizer, progress=progress, calib=calib_ids,
-                                                stream=stream)
+            if calib_ids is None:
+                calib_ids = calibration_windows(cfg.gptq.calib_data, cfg, tokenizer, cfg.gptq.seq_len,
+                                                cfg.gptq.samples, "GPTQ calibration data")
+            report.gptq = quantize_weights_gptq(parts, cfg, calib_ids, progress=progress, stream=stream)
         else:
             quantize_weights_rtn(parts, cfg.quant.weight, progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t

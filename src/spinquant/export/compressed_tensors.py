@@ -155,7 +155,7 @@ def compressed_state_dict(src: ExportSource, dtype: torch.dtype = torch.bfloat16
 
 def export_metadata(src: ExportSource) -> dict:
     """What the compressed-tensors schema cannot say, kept for people and for a later import."""
-    from .. import __version__
+    from ..version import __version__
 
     def spec(s: QuantSpec) -> dict:
         return {"bits": s.bits, "symmetric": s.symmetric, "group_size": s.group_size, "clip_ratio": s.clip_ratio}

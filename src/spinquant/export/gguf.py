@@ -126,7 +126,7 @@ def source_gguf(name: str | None) -> Path | None:
     """The GGUF file a model was loaded from (a built-in name or a .gguf path), if any."""
     if not name:
         return None
-    from ..loading import BUILTIN_GGUF, builtin_gguf
+    from ..models.builtin import BUILTIN_GGUF, builtin_gguf
 
     if name in BUILTIN_GGUF:
         try:
@@ -336,7 +336,7 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, weight_type: s
     arch = check_exportable(src)
     n_vocab = int(src.tensor(src.adapter.embedding).shape[0])
     out_path = Path(out_path)
-    from .. import __version__
+    from ..version import __version__
 
     with atomic_path(out_path, overwrite=overwrite) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpinQuantError
-from ..rotations import Rotations, save_rotations
+from ..rotation.sets import Rotations, save_rotations
 
 
 def export_rotations(model: Any, out_path: str | Path, overwrite: bool = False) -> Path:

@@ -18,10 +18,10 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..errors import SpinQuantError
-from ..hadamard import fast_hadamard_transform
 from ..models import Adapter, adapter_for
 from ..quant.quantizer import QuantizedTensor
-from ..rotations import Rotations
+from ..rotation.hadamard import fast_hadamard_transform
+from ..rotation.sets import Rotations
 
 
 @dataclass
@@ -111,7 +111,7 @@ def hadamard_pm1(n: int) -> torch.Tensor:
 def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
     """Collect an in-memory model after `spinquant.quantize` (a plain float model works for GGUF too)."""
     from ..models import model_parts
-    from ..nn import QuantLinear
+    from ..quant.modules import QuantLinear
 
     if getattr(model, "spinquant_config", None) is not None and not hasattr(model, "spinquant_rotations"):
         raise SpinQuantError("this is a runtime model loaded from a saved folder; export the folder itself "
@@ -172,7 +172,7 @@ def source_from_checkpoint(path: str | Path, verify: bool = True) -> ExportSourc
     """Read a folder saved by `spinquant quantize --output` (JSON + safetensors only, nothing unpickled)."""
     from transformers import AutoTokenizer
 
-    from ..runtime.checkpoint import (
+    from ..runtime.manifest import (
         check_layout,
         config_from_manifest,
         load_tensors,

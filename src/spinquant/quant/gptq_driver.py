@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import calibration_batches, check_calibration_differs, load_text
 from ..errors import SpinQuantError
 from ..streaming import LayerStream, resolve_device
 from .gptq import HessianAccumulator, gptq_quantize
@@ -50,17 +49,6 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
-
-
-def calibration_ids(cfg: RunConfig, tokenizer: Any) -> torch.Tensor:
-    """cfg.gptq.samples random windows of cfg.gptq.seq_len tokens from the calibration text."""
-    src = cfg.gptq.calib_data
-    check_calibration_differs(src, cfg.eval.data, what="GPTQ calibration data")
-    if tokenizer is None:
-        raise SpinQuantError(
-            "GPTQ needs a tokenizer to read its calibration text; load the model's tokenizer"
-        )
-    return calibration_batches(load_text(src), tokenizer, cfg.gptq.seq_len, cfg.gptq.samples, cfg.seed)
 
 
 def _check_calib(calib: torch.Tensor) -> torch.Tensor:
@@ -230,13 +218,13 @@ def _run_layer(
 def quantize_weights_gptq(
     parts: ModelParts,
     cfg: RunConfig,
-    tokenizer: Any,
+    calib: torch.Tensor,
     progress: bool = True,
-    calib: torch.Tensor | None = None,
     stream: LayerStream | None = None,
 ) -> dict:
     """GPTQ every decoder linear of `parts`, layer by layer, in place: weight ← dequantized codes and
-    `linear.quantized` ← the codes. `calib` ([samples, seq_len] token ids) overrides the calibration text.
+    `linear.quantized` ← the codes, from the inputs that `calib` ([samples, seq_len] token ids, e.g.
+    pipeline.calibration_windows) produces.
     Each layer visits the compute device (cfg.device) through `stream` and goes back where it lives.
 
     Returns {"seconds", "samples", "seq_len", "layers"}.
@@ -249,7 +237,7 @@ def quantize_weights_gptq(
         raise SpinQuantError(
             "GPTQ needs weight bits below 16; use 16 bits without GPTQ to keep weights float"
         )
-    ids = _check_calib(calib if calib is not None else calibration_ids(cfg, tokenizer))
+    ids = _check_calib(calib)
     g = cfg.gptq
     stream = stream or LayerStream(resolve_device(cfg.device))
     device = stream.device

@@ -13,7 +13,7 @@ import torch
 from ..config import QuantSpec
 from ..errors import SpinQuantError
 from ..models.base import ModelParts, set_module
-from ..nn import TableEmbedding, TableHead
+from .modules import TableEmbedding, TableHead
 from .quantizer import QuantizedTensor, quantize_weight
 
 TABLE_STORAGE = {"int8": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import QuantSpec
-from ..hadamard import hadamard_base
 from ..models import model_parts
+from ..rotation.hadamard import hadamard_base
 from . import native
 from .modules import Int4Linear, IntLinear, LinearSlice
 

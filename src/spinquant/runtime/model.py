@@ -15,10 +15,10 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..errors import SpinQuantError
-from ..hadamard import online_hadamard as hadamard
 from ..models import model_parts
 from ..models.base import get_module, set_module
-from ..nn import HEAD_ACT
+from ..quant.modules import HEAD_ACT
+from ..rotation.hadamard import online_hadamard as hadamard
 from . import native
 from .kvcache import QuantKVCache
 from .modules import (
@@ -181,7 +181,7 @@ def build_model(config, tensors: dict[str, torch.Tensor], sq: dict, dtype: torch
     """
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import spec_from_dict
+    from .manifest import spec_from_dict
 
     register_runtime_attention()
     config.tie_word_embeddings = False

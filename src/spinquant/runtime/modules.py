@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
-from ..hadamard import online_hadamard as hadamard
 from ..quant.quantizer import fake_quantize, quantize_activation
+from ..rotation.hadamard import online_hadamard as hadamard
 from . import native
 from .kernels import centered_codes, int8_matmul
 from .packing import to_block32

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpinQuantError, unpickling_refusal
+from ..errors import SpinQuantError, unpickling_refusal
+from ..io import atomic_path
 from .hadamard import random_hadamard, random_orthogonal
-from .io import atomic_path
 
 ORTHOGONALITY_TOL = 1e-4  # float32-trained rotations sit around 1e-6; anything far above is not a rotation
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import SpinQuantError
-from .io import atomic_path
+from ..errors import SpinQuantError
+from ..io import atomic_path
 from .lm_eval_bridge import average_accuracy, main_metric
 
 

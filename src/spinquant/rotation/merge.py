@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .models import ModelParts
-from .streaming import LayerStream, PerDevice, each_layer, on_device
+from ..models import ModelParts
+from ..streaming import LayerStream, PerDevice, each_layer, on_device
 
 
 def rotate_in(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

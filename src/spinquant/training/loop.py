@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from .. import distributed
+from ..config import QuantSpec, RunConfig
+from ..errors import SpinQuantError, unpickling_refusal
+from ..models import LayerParts, ModelParts
+from ..quant.install import set_activation_quant
+from ..quant.modules import QuantLinear
+from ..quant.quantizer import fake_quantize_weight, search_clip_ratio, to_groups
+from ..rotation.merge import rotate_heads_in, rotate_heads_out, rotate_in, rotate_out
+from ..rotation.sets import Rotations, check_orthogonal
 from .cayley import CayleySGD, lr_schedule
-from .config import QuantSpec, RunConfig
-from .errors import SpinQuantError, unpickling_refusal
-from .models import LayerParts, ModelParts
-from .nn import QuantLinear
-from .pipeline import set_activation_quant
-from .quant.quantizer import fake_quantize_weight, search_clip_ratio, to_groups
-from .rotate import rotate_heads_in, rotate_heads_out, rotate_in, rotate_out
-from .rotations import Rotations, check_orthogonal
 
 
 class RotationParams(nn.Module):
@@ -208,14 +208,6 @@ def training_act_ste(cfg: RunConfig) -> str:
     return cfg.train.act_ste or "identity"
 
 
-def calibration_ids(cfg: RunConfig, tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
-    from .data import calibration_batches, check_calibration_differs, load_text
-
-    check_calibration_differs(cfg.train.calib_data, cfg.eval.data, what="rotation calibration data")
-    return calibration_batches(load_text(cfg.train.calib_data, split_hint="train"), tokenizer, seq_len,
-                               n_samples, cfg.seed)
-
-
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -305,17 +297,15 @@ class _DeferredInterrupt:
         return False
 
 
-def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, tokenizer=None,
-                    calib_ids: torch.Tensor | None = None, progress: bool = True,
-                    log_dir: str | Path | None = None) -> TrainResult:
-    """Cayley-SGD on R1/R2 with the target quantizers in the loop; returns the learned rotations."""
+def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, calib_ids: torch.Tensor,
+                    progress: bool = True, log_dir: str | Path | None = None) -> TrainResult:
+    """Cayley-SGD on R1/R2 with the target quantizers in the loop; returns the learned rotations.
+    calib_ids: [n, seq_len] token ids (pipeline.calibration_windows), batches taken in order."""
     from tqdm.auto import tqdm
 
     tc = cfg.train
     ctx = distributed.current(_device_for(cfg, parts))
     progress = progress and distributed.is_main()
-    if calib_ids is None:
-        calib_ids = calibration_ids(cfg, tokenizer, tc.steps * tc.batch, tc.seq_len)
     if len(calib_ids) < tc.batch:
         raise SpinQuantError(f"{len(calib_ids)} calibration sequences are fewer than one batch of {tc.batch}; "
                              "use more calibration text or a smaller --train-batch")
@@ -411,7 +401,7 @@ def save_checkpoint(path, rot: RotationParams, optimizer, scheduler, step: int, 
     """Everything needed to continue exactly where training stopped (atomic; None when no path is set)."""
     if not path or not distributed.is_main():  # ranks hold identical state: one writer
         return None
-    from .io import atomic_path
+    from ..io import atomic_path
 
     state = {"format": CHECKPOINT_FORMAT, "step": step, "losses": torch.tensor(losses, dtype=torch.float64),
              "rotations": rot.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -465,7 +455,7 @@ def loss_curve_files(stem: str | Path) -> tuple[Path, Path]:
 def write_loss_curve(losses: list[float], stem: Path, overwrite: bool = False) -> list[Path]:
     """`<stem>.loss.csv` always, `<stem>.loss.png` when matplotlib is installed; an existing one is
     replaced only with overwrite (checked before training starts, see cli._check_side_outputs)."""
-    from .io import atomic_path
+    from ..io import atomic_path
 
     csv_path, png = loss_curve_files(stem)
     with atomic_path(csv_path, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:

@@ -59,8 +59,8 @@ def shared_data_dir() -> Path | None:
                 f"{DATA_DIR_ENV}={env} is not a directory; point it at the shared data folder or unset it"
             )
         return path
-    # src/spinquant/data.py -> parents[2] is the repo root when running from a checkout.
-    repo_root = Path(__file__).resolve().parents[2]
+    # src/spinquant/evaluation/data.py -> parents[3] is the repo root when running from a checkout.
+    repo_root = Path(__file__).resolve().parents[3]
     candidate = repo_root.parent / "shared" / "data"
     if candidate.is_dir():
         return candidate

@@ -1,6 +1,6 @@
 """Zero-shot tasks: local ones with the offline evaluator, any other through lm-evaluation-harness.
 
-piqa, arc_easy and hellaswag are scored from ../shared/data by `spinquant.evaluate.zero_shot` (no network).
+piqa, arc_easy and hellaswag are scored from ../shared/data by `spinquant.evaluation.scoring.zero_shot` (no network).
 Every other name goes to lm-eval (an optional extra, imported only when needed), which wraps our in-memory
 model in its `HFLM` and downloads the task's data set on first use. The eight tasks of the SpinQuant paper are
 `SPINQUANT_TASKS`; `--tasks spinquant` asks for all of them.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import SpinQuantError
-from .evaluate import TASK_LOADERS, zero_shot
+from ..errors import SpinQuantError
+from .scoring import TASK_LOADERS, zero_shot
 
 SPINQUANT_TASKS = ("arc_easy", "arc_challenge", "boolq", "piqa", "social_iqa", "hellaswag", "openbookqa",
                    "winogrande")

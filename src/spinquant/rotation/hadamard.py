@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .errors import SpinQuantError
+from ..errors import SpinQuantError
 
 __all__ = [
     "HadamardSizeError",

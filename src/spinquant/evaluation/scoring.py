@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from spinquant.data import DATA_DIR_ENV, shared_data_dir
 from spinquant.errors import SpinQuantError
+from spinquant.evaluation.data import DATA_DIR_ENV, shared_data_dir
 
 
 def _model_device(model: Any) -> torch.device:
@@ -81,7 +81,7 @@ def perplexity(
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise SpinQuantError(
             f"perplexity needs windows shaped [n>=1, seq_len>=2], got {tuple(windows.shape)}; "
-            "build them with spinquant.data.tokenize_windows"
+            "build them with spinquant.evaluation.data.tokenize_windows"
         )
     if batch_size < 1:
         raise SpinQuantError(f"batch_size must be positive, got {batch_size}; pass --batch-size 1 or more")

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QuantSpec
-from .hadamard import OnlineHadamard, online_hadamard
-from .quant.quantizer import QuantizedTensor, fake_quantize, integer_order_linear
+from ..config import QuantSpec
+from ..rotation.hadamard import OnlineHadamard, online_hadamard
+from .quantizer import QuantizedTensor, fake_quantize, integer_order_linear
 
 ATTN_IMPLEMENTATION = "spinquant"
 __all__ = ["ActQuantizer", "KVQuant", "OnlineHadamard", "QuantLinear", "TableEmbedding", "TableHead",
