@@ -12,6 +12,7 @@ from spinquant.quant.quantizer import (
     qrange,
     quantize_weight,
     round_ste,
+    to_groups,
 )
 
 G = torch.Generator().manual_seed(0)
@@ -133,3 +134,13 @@ def test_integer_order_linear_sums_exactly_past_float32_integers():
     # Scale 1 per token and per row (amax 127 / qmax 127): the output is the exact integer sum, rounded once
     # to float32, as the int32 → float32 conversion of the integer kernel rounds it.
     assert torch.equal(y[0], torch.tensor(expected, dtype=torch.float64).float())
+
+
+@pytest.mark.parametrize("symmetric,group", [(True, None), (False, None), (True, 32)])
+def test_clip_search_in_chunks_of_rows_equals_the_whole_search(monkeypatch, symmetric, group):
+    from spinquant.quant import quantizer
+
+    w = to_groups(torch.randn(37, 96, generator=torch.Generator().manual_seed(3)) * 2, group)
+    whole = quantizer._search_clip_ratio(w, 4, symmetric, 100, 0.8, 2.4)
+    monkeypatch.setattr(quantizer, "CLIP_SEARCH_CHUNK", 5 * 96)  # several chunks, the last one short
+    assert torch.equal(quantizer.search_clip_ratio(w, 4, symmetric), whole)
