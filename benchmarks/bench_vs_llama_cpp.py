@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_llama_cpp import bench as llama_bench
 from bench_llama_cpp import run as run_tool
+from record import write_record
 
 
 def ours(config: str, workdir: Path, prompt: int, decode: int, repeats: int, threads: int,
@@ -38,13 +38,6 @@ def ours(config: str, workdir: Path, prompt: int, decode: int, repeats: int, thr
     if proc.returncode or line is None:
         raise SystemExit(f"{config}: child failed\n{proc.stderr[-2000:]}")
     return json.loads(line[len("RESULT "):])
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_avg_at_start": os.getloadavg()}
 
 
 def main() -> int:
@@ -97,12 +90,7 @@ def main() -> int:
         print(f"| {r['threads']} | {r['engine']} | {r['config']} | {r['prefill_tok_s']:.0f} | "
               f"{r['prefill_vs_q4_0']:.2f}× | {r['decode_tok_s']:.1f} | {r['decode_vs_q4_0']:.2f}× |")
     if a.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                                check=False).stdout.strip()
-        record = {"command": " ".join(sys.argv), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
-                  "machine": machine(), "rows": rows}
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(a.json, rows=rows)
     return 0
 
 

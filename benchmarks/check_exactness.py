@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -86,11 +82,9 @@ def main() -> int:
         print(f"| {r['config']} | {r['fake_quant']!r} | {r['saved']!r} | {r['equal']} | "
               f"{r['fake_quant_s']:.0f} / {r['saved_s']:.0f} |")
     if a.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip()
-        a.json.write_text(json.dumps({"command": " ".join(sys.argv), "commit": commit,
-                                      "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                      "threads": torch.get_num_threads(), "rows": rows}, indent=1) + "\n")
+        from record import write_record
+
+        write_record(a.json, threads=torch.get_num_threads(), rows=rows)
     return 0
 
 

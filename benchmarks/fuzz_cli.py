@@ -16,10 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -134,11 +130,9 @@ def main() -> int:
             for c in rows:
                 print(f"| {c['command']} | {c['flag']} | {c['value']} | {c['message']} |")
     if a.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE, check=False).stdout.strip()
-        record = {"command": " ".join(sys.argv), "commit": commit, "machine": platform.processor() or platform.machine(),
-                  "cores": os.cpu_count(), "threads": 1, "counts": counts, "cases": cases}
-        a.json.write_text(json.dumps(record, indent=1) + "\n")
+        from record import write_record
+
+        write_record(a.json, threads=1, counts=counts, cases=cases)
     return 0
 
 

@@ -339,13 +339,11 @@ CASES = {
         lambda c: c.learned("--train-checkpoint", str(c.out / "nope" / "t.ckpt"), "--train-checkpoint-every", "1"),
         "does not exist"),
     # saved quantized checkpoints
-    "truncated checkpoint (eval)": Case(lambda c: ["eval", str(c.inp / "truncated"), "--eval-data",
-                                                   str(c.inp / "eval.txt"), "--seq-len", "64"], "sha256"),
+    "truncated checkpoint (eval)": Case(lambda c: c.eval_saved("truncated"), "sha256"),
     "truncated checkpoint (export)": Case(lambda c: c.export("truncated"), "sha256"),
     "tampered checkpoint (generate)": Case(lambda c: ["generate", str(c.inp / "tampered"), "hi"], "sha256", sub=True),
     "tampered checkpoint (export)": Case(lambda c: c.export("tampered"), "sha256"),
-    "edited config.json (eval)": Case(lambda c: ["eval", str(c.inp / "edited_config"), "--eval-data",
-                                                 str(c.inp / "eval.txt"), "--seq-len", "64"], "config.json"),
+    "edited config.json (eval)": Case(lambda c: c.eval_saved("edited_config"), "config.json"),
     "edited config.json (export)": Case(lambda c: c.export("edited_config"), "config.json"),
     # outputs
     "read-only output location": Case(lambda c: c.quantize(), "output folder", setup=_read_only),
