@@ -11,7 +11,6 @@ Each takes the in-memory model after `spinquant.quantize`; the first two also ta
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +52,6 @@ def run_export(model: Any, tokenizer: Any, request: ExportRequest, verify: bool 
     if isinstance(model, (str, Path)):  # a saved folder: read (and, unless told not to, verify) it once here
         from .source import source_from_checkpoint
 
-        if not verify:
-            print(f"spinquant: warning: --no-verify: {model} is exported without checking its sha256 manifest",
-                  file=sys.stderr)
         model = source_from_checkpoint(model, verify=verify)
     return export(model, tokenizer, request.format, request.output, overwrite=request.overwrite,
                   gguf_type=request.gguf_type, dtype=request.dtype)

@@ -5,7 +5,6 @@ load it back into runtime modules.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -209,9 +208,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     if weight_only not in WEIGHT_KERNELS:
         raise SpinQuantError(f"weight kernel {weight_only!r} is unknown; use one of {', '.join(WEIGHT_KERNELS)}")
     data, section = read_manifest(path, verify)
-    if not verify:
-        print(f"spinquant: warning: --no-verify: {path} is loaded without checking its sha256 manifest",
-              file=sys.stderr)
     tensors = load_tensors(path)
     config = config_from_manifest(data, path)
     weight, *_ = quant_specs(section, path)

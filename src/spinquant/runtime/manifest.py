@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -125,7 +126,10 @@ def read_manifest(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
     if type(version) is not int or version != FORMAT_VERSION:
         raise SpinQuantError(f"{path} has checkpoint format version {version!r}; this spinquant reads version "
                              f"{FORMAT_VERSION}: upgrade spinquant or {RESAVE}")
-    if verify:
+    if not verify:  # the one place that skips the digests, so the one place that says so
+        print(f"spinquant: warning: --no-verify: {path} is read without checking its sha256 manifest",
+              file=sys.stderr)
+    else:
         files, digest = section.get("files"), section.get("config_sha256")
         if not (isinstance(files, dict) and WEIGHTS_FILE in files and isinstance(digest, str)):
             raise SpinQuantError(f"{path} has no integrity manifest (the sha256 of config.json and of "
