@@ -7,7 +7,7 @@ import torch
 from conftest import byte_tokenizer
 from test_runtime import quantized_tiny, save_load
 
-from spinquant.runtime import native
+from spinquant import native
 from spinquant.runtime.decode import DecodeEngine, engine_for
 from spinquant.runtime.generate import generate_text
 

@@ -13,7 +13,7 @@ PACKAGE = Path(spinquant.__file__).parent
 
 # Bottom to top. A module's layer is that of the longest prefix listed here.
 LAYERS = [
-    ["errors", "version", "config", "io"],  # plain facts and safe file writing
+    ["errors", "version", "config", "io", "native"],  # plain facts, safe file writing, the C++ kernels
     ["models", "distributed"],  # architecture adapters; process groups
     ["streaming", "rotation", "evaluation"],  # offload; rotations; text, scoring, charts
     ["quant"],  # quantizers, GPTQ, fake-quant modules (use rotation for R4)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from spinquant import native
 from spinquant.config import QuantSpec
 from spinquant.errors import SpinQuantError
 from spinquant.quant.quantizer import (
@@ -143,4 +144,32 @@ def test_clip_search_in_chunks_of_rows_equals_the_whole_search(monkeypatch, symm
     w = to_groups(torch.randn(37, 96, generator=torch.Generator().manual_seed(3)) * 2, group)
     whole = quantizer._search_clip_ratio(w, 4, symmetric, 100, 0.8, 2.4)
     monkeypatch.setattr(quantizer, "CLIP_SEARCH_CHUNK", 5 * 96)  # several chunks, the last one short
+    monkeypatch.setattr(quantizer.native, "kernels", lambda: None)  # the tensor-op path (no native library)
     assert torch.equal(quantizer.search_clip_ratio(w, 4, symmetric), whole)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric,group", [(True, None), (False, None), (True, 32), (False, 64)])
+def test_native_clip_search_finds_the_tensor_search_minimum(bits, symmetric, group):
+    """The native search (its own exp/log for |e|^2.4, its own order of summing) picks the ratio the tensor
+    ops pick, or one whose error (measured by the tensor ops) ties the best to float rounding."""
+    from spinquant.quant import quantizer
+
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(96, 192, generator=gen) * torch.rand(96, 1, generator=gen) * 3
+    w[::7, 5] *= 15  # outliers, so the best ratio is well below 1 in some rows
+    w[3] = 0.0  # an all-zero row: every ratio gives error 0, the first one wins
+    g = to_groups(w, group)
+    expected = quantizer._search_clip_ratio(g, bits, symmetric, 100, 0.8, 2.4)
+    got = quantizer.search_clip_ratio(g, bits, symmetric)
+    assert got.shape == expected.shape and (bits == 8 or (expected < 1).any())
+
+    def error(ratio):
+        scale, zero = compute_qparams(g, bits, symmetric, ratio)
+        return (quantizer.fake_quant(g, scale, zero, bits, symmetric) - g).abs().pow(2.4).sum(-1, keepdim=True)
+
+    best, chosen = error(expected), error(got)
+    assert torch.all(chosen <= best * (1 + 1e-5) + 1e-30)
+    assert (got == expected).float().mean() > 0.98
+    assert float(got.reshape(-1, 1)[3 * (g.shape[-2] if g.dim() == 3 else 1)]) == 1.0

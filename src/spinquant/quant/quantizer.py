@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import STE_KINDS, QuantSpec
+from .. import native
 from ..errors import SpinQuantError
 
 
@@ -132,6 +133,10 @@ def search_clip_ratio(
     """
     w = w.detach()
     rows = w.reshape(-1, w.shape[-1])
+    if w.device.type == "cpu" and w.dtype == torch.float32 and (kern := native.kernels()) is not None:
+        # One native pass per row (native/clip_search.cpp): ~7x faster than the tensor ops below, the same
+        # choice but where two grid points' errors tie to float rounding.
+        return kern.clip_search(rows.contiguous(), bits, symmetric, grid, max_shrink, norm).reshape(*w.shape[:-1], 1)
     step = max(1, CLIP_SEARCH_CHUNK // rows.shape[-1])
     if w.device.type == "cpu" and len(rows) > step:
         # Each slice's search is independent: a chunk of rows at a time keeps the ~10 temporaries of every

@@ -19,7 +19,7 @@ from ..models import model_parts
 from ..models.base import get_module, set_module
 from ..quant.modules import HEAD_ACT
 from ..rotation.hadamard import online_hadamard as hadamard
-from . import native
+from .. import native
 from .kvcache import QuantKVCache
 from .modules import (
     FloatLinear,

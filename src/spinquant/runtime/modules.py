@@ -9,7 +9,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..quant.quantizer import fake_quantize, quantize_activation
 from ..rotation.hadamard import online_hadamard as hadamard
-from . import native
+from .. import native
 from .kernels import centered_codes, int8_matmul
 from .packing import to_block32
 
@@ -142,7 +142,7 @@ def int4_kernel_group(k: int, weight_group: int | None, act: QuantSpec | None) -
 
 class Int4Linear(nn.Module):
     """Weights of at most 4 bits kept two codes per byte and read directly by the native kernel
-    (runtime/native/int4_linear.cpp): half a byte per weight in memory, one pass over it per call.
+    (native/int4_linear.cpp): half a byte per weight in memory, one pass over it per call.
 
     With activation quantization (W4A8, W4A4) the input is quantized per token by `quantize_rows` (the
     fake quantizer's codes) and multiplied as exact integers, then scaled in IntLinear's order: the same

@@ -1,9 +1,11 @@
-"""The one hand-written kernel (int4_linear.cpp), compiled on first use and cached.
+"""The hand-written CPU kernels, compiled on first use and cached: the runtime's (int4_linear.cpp: packed
+int4 and int8 linears, the activation / KV quantizer, the decode step's small ops) and the weight clip
+search (clip_search.cpp). Each file says why PyTorch's own ops do not serve.
 
-`torch.utils.cpp_extension.load` builds it with the machine's C++ compiler into torch's extension cache
+`torch.utils.cpp_extension.load` builds them with the machine's C++ compiler into torch's extension cache
 (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), once per source version: later runs load the built
 library in well under a second. Where no compiler or no AVX2 exists, `kernels()` returns None after one
-warning and the runtime keeps its pure-PyTorch path (same results, slower decode).
+warning and every caller keeps its pure-PyTorch path (same results, slower).
 SPINQUANT_NATIVE=0 turns it off.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("int4_linear.cpp")
+_SOURCES = [str(Path(__file__).with_name(name)) for name in ("int4_linear.cpp", "clip_search.cpp")]
 _state: dict[str, object] = {}
 
 
@@ -27,7 +29,7 @@ def _cpu_has_avx2() -> bool:
 
 
 def kernels():
-    """torch.ops.spinquant (int4_linear, int4_linear_float, int8_linear, quantize_rows), or None where the
+    """torch.ops.spinquant (int4_linear, int8_linear, quantize_rows, clip_search, ...), or None where the
     library cannot be had."""
     if "module" in _state:
         return _state["module"]
@@ -36,14 +38,15 @@ def kernels():
         try:
             from torch.utils.cpp_extension import load
 
-            load(name="spinquant_native", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+            load(name="spinquant_native", sources=_SOURCES, is_python_module=False, verbose=False,
                  extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"])
             _register_fakes()
+            _register_gradients()
             module = torch.ops.spinquant
         except Exception as e:  # noqa: BLE001 - no compiler, no headers, a failed build: fall back, saying why
-            warnings.warn(f"spinquant: the native int4 kernel is unavailable ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); the runtime uses the "
-                          "slower PyTorch path", stacklevel=2)
+            warnings.warn(f"spinquant: the native kernels are unavailable ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); spinquant uses the "
+                          "slower PyTorch paths", stacklevel=2)
     _state["module"] = module
     return module
 
@@ -101,3 +104,17 @@ def _register_fakes() -> None:
     @register_fake("spinquant::int8_linear")
     def _(xu, xo, sx, w, wsum, sw, bias):
         return xu.new_empty((xu.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _register_gradients() -> None:
+    """hadamard_rows is linear: its gradient is the transposed transform, H_Kᵀ ⊗ S_p → H_K ⊗ S_p (S_p is
+    symmetric), i.e. the same op with the base transposed. Rotation training backpropagates through R3/R4."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.base = inputs[1]
+
+    def backward(ctx, grad):
+        base = ctx.base.t().contiguous() if ctx.base.numel() else ctx.base
+        return torch.ops.spinquant.hadamard_rows(grad.contiguous(), base), None
+
+    torch.library.register_autograd("spinquant::hadamard_rows", backward, setup_context=setup_context)

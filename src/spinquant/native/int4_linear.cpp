@@ -61,7 +61,8 @@ inline int32_t hsum(__m256i v) {
 }
 #endif
 
-// raw[mi][ni] = Σ over blocks [b0, b1) of xu[m0+mi] · u[n0+ni], for a tile of MT x NT rows.
+// raw[mi][ni] = Σ over blocks [b0, b1) of xu[m0+mi] · u[n0+ni], for a tile of MT x NT rows, weights packed
+// (two codes per byte, row stride ldw = K/2): the decode path, which reads each weight once.
 template <int MT, int NT>
 inline void tile_dot(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0, int64_t b1,
                      int32_t raw[MT][NT]) {
@@ -97,6 +98,77 @@ inline void tile_dot(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ld
 #endif
 }
 
+#if defined(__AVX2__)
+// The same sums over weights already unpacked to one code per byte (row stride K): the prefill path, where
+// every row of the prompt passes over the same weights. Up to four blocks' products add up in 16 bits before
+// one widening multiply-add (a maddubs pair is at most 2·255·15 = 7650, four of them 30600 < 2^15).
+template <int MT, int NT>
+inline void tile_dot_unpacked(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0,
+                              int64_t b1, int32_t raw[MT][NT]) {
+  __m256i acc[MT][NT];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = b0; b < b1; b += 4) {
+    const int64_t e = std::min(b + 4, b1);
+    __m256i s16[MT][NT];
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < NT; ++j) s16[i][j] = _mm256_setzero_si256();
+    for (int64_t bb = b; bb < e; ++bb) {
+      __m256i wv[NT];
+      for (int j = 0; j < NT; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + bb * kBlock));
+      for (int i = 0; i < MT; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + bb * kBlock));
+        for (int j = 0; j < NT; ++j) s16[i][j] = _mm256_add_epi16(s16[i][j], _mm256_maddubs_epi16(xv, wv[j]));
+      }
+    }
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(s16[i][j], ones));
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NT; ++j) raw[i][j] = hsum(acc[i][j]);
+}
+
+// The eight sums of eight accumulators as one vector, in their order (three rounds of hadd instead of eight
+// separate reductions: at K = 576 those cost about as much as the tile's products).
+inline __m256i hsum8(const __m256i a[8]) {
+  const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+  const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// A 4-row x 2-column tile over all K of unpacked weights (one group): its sums row-major in one vector.
+inline __m256i tile_sums_4x2(const uint8_t* x, int64_t K, const uint8_t* w) {
+  __m256i acc[8];
+  for (auto& a : acc) a = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = K / kBlock;
+  for (int64_t b = 0; b < nb; b += 4) {
+    const int64_t e = std::min(b + 4, nb);
+    __m256i s16[8];
+    for (auto& v : s16) v = _mm256_setzero_si256();
+    for (int64_t bb = b; bb < e; ++bb) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + bb * kBlock));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + K + bb * kBlock));
+      for (int i = 0; i < 4; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K + bb * kBlock));
+        s16[2 * i] = _mm256_add_epi16(s16[2 * i], _mm256_maddubs_epi16(xv, w0));
+        s16[2 * i + 1] = _mm256_add_epi16(s16[2 * i + 1], _mm256_maddubs_epi16(xv, w1));
+      }
+    }
+    for (int t = 0; t < 8; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
+  }
+  return hsum8(acc);
+}
+
+// Rows [n, n + count) of packed weights → one code per byte, in their natural order (Q4_0 order: a block's
+// 16 low nibbles are codes 0-15, its high nibbles codes 16-31).
+inline void unpack_rows(const uint8_t* w, int64_t K, int64_t count, uint8_t* out) {
+  for (int64_t b = 0; b < count * (K / kBlock); ++b)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b * kBlock), unpack_block(w + b * (kBlock / 2)));
+}
+#endif
+
 struct Problem {
   int64_t M, N, K, group, G, GA, GW;
   const uint8_t* xu;   // [M, K]
@@ -111,14 +183,21 @@ struct Problem {
   float* y;            // [M, N]
 };
 
+// One MT x NT tile of y: the integer sums group by group, then the scales. `wu` (prefill) holds the tile's
+// weight rows unpacked (row stride K); without it the packed rows are read (decode).
 template <int MT, int NT>
-void run_tile(const Problem& p, int64_t m0, int64_t n0) {
+void run_tile(const Problem& p, int64_t m0, int64_t n0, const uint8_t* wu = nullptr) {
   const int64_t blocks_per_group = p.group / kBlock;
   float yv[MT][NT];
   int32_t raw[MT][NT];
   for (int64_t j = 0; j < p.G; ++j) {
-    tile_dot<MT, NT>(p.xu + m0 * p.K, p.K, p.w + n0 * (p.K / 2), p.K / 2, j * blocks_per_group,
-                     (j + 1) * blocks_per_group, raw);
+    const int64_t b0 = j * blocks_per_group, b1 = (j + 1) * blocks_per_group;
+#if defined(__AVX2__)
+    if (wu != nullptr)
+      tile_dot_unpacked<MT, NT>(p.xu + m0 * p.K, p.K, wu, p.K, b0, b1, raw);
+    else
+#endif
+      tile_dot<MT, NT>(p.xu + m0 * p.K, p.K, p.w + n0 * (p.K / 2), p.K / 2, b0, b1, raw);
     const int64_t ja = p.GA > 1 ? j : 0, jw = p.GW > 1 ? j : 0;
     for (int i = 0; i < MT; ++i) {
       const int64_t m = m0 + i;
@@ -147,14 +226,70 @@ void run_tile(const Problem& p, int64_t m0, int64_t n0) {
     }
 }
 
-template <int MT>
-void run_rows(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
-  // One row: 4 columns share each activation load. Four rows: 2 columns, so the 8 accumulators, 2 weight
-  // blocks and the activations fit AVX2's 16 registers (4 x 4 spilled and ran ~2x slower in prefill).
-  constexpr int NT = MT == 1 ? 4 : 2;
+// One row (decode, and a prompt's last rows): 4 columns share each activation load, weights read packed.
+void run_row(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + NT <= n_end; n += NT) run_tile<MT, NT>(p, m0, n);
-  for (; n < n_end; ++n) run_tile<MT, 1>(p, m0, n);
+  for (; n + 4 <= n_end; n += 4) run_tile<1, 4>(p, m0, n);
+  for (; n < n_end; ++n) run_tile<1, 1>(p, m0, n);
+}
+
+// Four rows over columns [n_begin, n_end) whose weights are unpacked in wu (row stride K).
+constexpr int kPrefillRows = 4;
+void run_rows_unpacked(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_end, const uint8_t* wu,
+                       int32_t* raw) {
+#if defined(__AVX2__)
+  if (p.G == 1) {
+    // One group (per channel): the integer sums of the whole strip first, then the scales eight columns at a
+    // time, with the scalar epilogue's operations in its order (run_tile), so the same bits.
+    const int64_t width = n_end - n_begin;
+    int64_t n = n_begin;
+    for (; n + 2 <= n_end; n += 2) {
+      alignas(32) int32_t t[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), tile_sums_4x2(p.xu + m0 * p.K, p.K, wu + (n - n_begin) * p.K));
+      for (int i = 0; i < 4; ++i) {
+        raw[i * width + n - n_begin] = t[2 * i];
+        raw[i * width + n - n_begin + 1] = t[2 * i + 1];
+      }
+    }
+    if (n < n_end) {
+      int32_t t[4][1];
+      tile_dot_unpacked<4, 1>(p.xu + m0 * p.K, p.K, wu + (n - n_begin) * p.K, p.K, 0, p.K / kBlock, t);
+      for (int i = 0; i < 4; ++i) raw[i * width + n - n_begin] = t[i][0];
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t xo = p.xo[m], sxs = p.sumx[m];
+      const float sx = p.sx[m];
+      const int32_t* r = raw + i * width;
+      float* y = p.y + m * p.N;
+      int64_t c = n_begin;
+      for (; c + 8 <= n_end; c += 8) {
+        const __m256i wz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.wz + c));
+        __m256i acc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + c - n_begin));
+        acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(wz, _mm256_set1_epi32(sxs)));
+        acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_set1_epi32(xo),
+                                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.sumu + c))));
+        acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_set1_epi32(int32_t(p.group) * xo), wz));
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(sx)), _mm256_loadu_ps(p.sw + c));
+        if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + c));
+        _mm256_storeu_ps(y + c, v);
+      }
+      for (; c < n_end; ++c) {
+        const int32_t wz = p.wz[c];
+        const int32_t acc = r[c - n_begin] - wz * sxs - xo * p.sumu[c] + int32_t(p.group) * xo * wz;
+        float v = float(acc) * sx;
+        v = v * p.sw[c];
+        if (p.bias) v = v + p.bias[c];
+        y[c] = v;
+      }
+    }
+    return;
+  }
+#endif
+  (void)raw;
+  int64_t n = n_begin;
+  for (; n + 2 <= n_end; n += 2) run_tile<kPrefillRows, 2>(p, m0, n, wu + (n - n_begin) * p.K);
+  for (; n < n_end; ++n) run_tile<kPrefillRows, 1>(p, m0, n, wu + (n - n_begin) * p.K);
 }
 
 }  // namespace
@@ -189,9 +324,18 @@ at::Tensor int4_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w
     const uint8_t* xp = xu.data_ptr<uint8_t>();
     int32_t* sp = sumx.data_ptr<int32_t>();
     for (int64_t r = 0; r < M * G; ++r) {
+#if defined(__AVX2__)
+      __m256i acc = _mm256_setzero_si256();  // sums of 8 bytes in four 64-bit lanes
+      for (int64_t k = 0; k < group; k += kBlock)
+        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + r * group + k)),
+                                                    _mm256_setzero_si256()));
+      __m128i t = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+      sp[r] = int32_t(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1));
+#else
       int32_t acc = 0;
       for (int64_t k = 0; k < group; ++k) acc += xp[r * group + k];
       sp[r] = acc;
+#endif
     }
   }
   auto y = at::empty({M, N}, xu.options().dtype(at::kFloat));
@@ -200,14 +344,25 @@ at::Tensor int4_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w
             sw.data_ptr<float>(), b, y.data_ptr<float>()};
   // Threads split the output columns (each reads its own weight rows once); rows of 4 tokens share loads.
   at::parallel_for(0, (N + 3) / 4, 4, [&](int64_t q0, int64_t q1) {
-    // Columns in chunks whose weights stay in L1 while every row passes over them (prefill), instead of
-    // streaming all of this thread's weights once per 4 rows.
-    constexpr int64_t kChunk = 32;
-    for (int64_t c0 = q0 * 4; c0 < std::min(N, q1 * 4); c0 += kChunk) {
-      const int64_t c1 = std::min({N, q1 * 4, c0 + kChunk});
+#if defined(__AVX2__)
+    // Prefill: columns in chunks small enough to stay in L1 unpacked (one byte per code, 16 KiB), each
+    // unpacked once and passed over by every row, so no row tile unpacks weights again.
+    const int64_t chunk = M >= kPrefillRows ? std::max<int64_t>(4, (16384 / K) & ~int64_t(3)) : N;
+    std::vector<uint8_t> unpacked(M >= kPrefillRows ? chunk * K : 0);
+    std::vector<int32_t> raw(M >= kPrefillRows ? kPrefillRows * chunk : 0);
+#else
+    const int64_t chunk = N;
+#endif
+    for (int64_t c0 = q0 * 4; c0 < std::min(N, q1 * 4); c0 += chunk) {
+      const int64_t c1 = std::min({N, q1 * 4, c0 + chunk});
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) run_rows<4>(p, m, c0, c1);
-      for (; m < M; ++m) run_rows<1>(p, m, c0, c1);
+#if defined(__AVX2__)
+      if (M >= kPrefillRows) {
+        unpack_rows(p.w + c0 * (K / 2), K, c1 - c0, unpacked.data());
+        for (; m + kPrefillRows <= M; m += kPrefillRows) run_rows_unpacked(p, m, c0, c1, unpacked.data(), raw.data());
+      }
+#endif
+      for (; m < M; ++m) run_row(p, m, c0, c1);
     }
   });
   return y;
@@ -467,7 +622,25 @@ std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t bits, bool symmetric
       const float* v = xp + r * group;
       uint8_t* u = up + r * group;
       float lo = v[0], hi = v[0];
-      for (int64_t k = 1; k < group; ++k) {
+      int64_t k0 = 1;
+#if defined(__AVX2__)
+      if (group >= 8) {
+        __m256 vlo = _mm256_loadu_ps(v), vhi = vlo;
+        for (k0 = 8; k0 + 8 <= group; k0 += 8) {
+          const __m256 t = _mm256_loadu_ps(v + k0);
+          vlo = _mm256_min_ps(t, vlo);  // a NaN in t is skipped, as std::min(lo, v) skips it
+          vhi = _mm256_max_ps(t, vhi);
+        }
+        alignas(32) float l[8], h[8];
+        _mm256_store_ps(l, vlo);
+        _mm256_store_ps(h, vhi);
+        for (int t = 0; t < 8; ++t) {
+          lo = std::min(lo, l[t]);
+          hi = std::max(hi, h[t]);
+        }
+      }
+#endif
+      for (int64_t k = k0; k < group; ++k) {
         lo = std::min(lo, v[k]);
         hi = std::max(hi, v[k]);
       }
@@ -488,7 +661,20 @@ std::vector<at::Tensor> quantize_rows(at::Tensor x, int64_t bits, bool symmetric
         zero = std::nearbyint(-lo / std::max(scale, tiny));
         scale = std::max(scale, floor);
       }
-      for (int64_t k = 0; k < group; ++k) {
+      int64_t k = 0;
+#if defined(__AVX2__)
+      // The same IEEE operations eight at a time: exact division, round-half-even (nearbyint), clamp.
+      const __m256 vs = _mm256_set1_ps(scale), vz = _mm256_set1_ps(zero), vmin = _mm256_set1_ps(float(qmin)),
+                   vmax = _mm256_set1_ps(float(qmax));
+      for (; k + 8 <= group; k += 8) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vz), vmin), vmax), vmin);  // 0..255, exact
+        const __m256i c = _mm256_cvtps_epi32(q);
+        const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(u + k), _mm_packus_epi16(w16, w16));
+      }
+#endif
+      for (; k < group; ++k) {
         float q = std::nearbyint(v[k] / scale) + zero;
         q = std::min(std::max(q, float(qmin)), float(qmax));
         u[k] = uint8_t(int32_t(q) - qmin);
