@@ -18,7 +18,8 @@ from spinquant.quant.modules import KVQuant, QuantLinear
 from spinquant.quant.quantizer import fake_quantize, quantize_activation, quantize_weight
 from spinquant.rotation.hadamard import fast_hadamard_transform
 from spinquant.rotation.hadamard import online_hadamard as hadamard
-from spinquant.runtime import load_quantized, native, save_quantized
+from spinquant import native
+from spinquant.runtime import load_quantized, save_quantized
 from spinquant.runtime.kernels import _exact_float_mm, int8_matmul
 from spinquant.runtime.kvcache import QuantKVLayer
 from spinquant.runtime.model import module_summary
@@ -167,21 +168,23 @@ def test_block32_layout_round_trips_and_matches_q4_0_order():
     ("W4g32A4g32", QuantSpec(4, False, group_size=32), QuantSpec(4, False, group_size=32, clip_ratio=0.9)),
     ("W4A4g32", QuantSpec(4, True), QuantSpec(4, False, group_size=32, clip_ratio=0.9)),
 ])
-@pytest.mark.parametrize("rows", [1, 3, 9])
-def test_packed_int4_kernel_equals_the_int8_kernel_bit_for_bit(label, wspec, aspec, rows):
+@pytest.mark.parametrize("rows,n,k", [(1, 70, 96), (3, 70, 96), (9, 70, 96), (42, 71, 576)])
+def test_packed_int4_kernel_equals_the_int8_kernel_bit_for_bit(label, wspec, aspec, rows, n, k):
+    """Decode rows (packed weights), prefill tiles of 4 rows (unpacked weights, 16-bit partial sums, the
+    vector epilogue), an odd last column and a remainder of rows: all the int8 reference's bits."""
     torch.manual_seed(0)
-    w = torch.randn(70, 96) * 0.05  # 70 outputs: tiles of 4 and a remainder
+    w = torch.randn(n, k) * 0.05
     _, qt = fake_linear(w, wspec, aspec)
     centred = qt.codes.to(torch.int16)
     if not qt.symmetric:
-        zero = qt.zero.reshape(70, -1).to(torch.int16)
-        centred = centred - zero.repeat_interleave(96 // zero.shape[1], dim=-1)
-    bias = torch.randn(70)
+        zero = qt.zero.reshape(n, -1).to(torch.int16)
+        centred = centred - zero.repeat_interleave(k // zero.shape[1], dim=-1)
+    bias = torch.randn(n)
     ref = IntLinear(centred.to(torch.int8), qt.scale, aspec, bias, weight_group=qt.group_size, hadamard=True)
-    group = qt.group_size or aspec.group_size or 96
+    group = qt.group_size or aspec.group_size or k
     packed = Int4Linear(qt.codes, qt.scale, None if qt.symmetric else qt.zero, wspec, aspec, group, bias,
                         hadamard=True)
-    x = torch.randn(rows, 96)
+    x = torch.randn(rows, k)
     x[:, 5] *= 30
     assert torch.equal(packed(x), ref(x))
 
