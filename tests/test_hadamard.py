@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from spinquant import native
 from spinquant.errors import SpinQuantError
+from spinquant.rotation import hadamard as hadamard_module
 from spinquant.rotation.hadamard import (
     HadamardSizeError,
     OnlineHadamard,
@@ -19,6 +21,7 @@ from spinquant.rotation.hadamard import (
     fast_hadamard_transform,
     hadamard_factors,
     hadamard_matrix,
+    online_hadamard,
     is_hadamard_size,
     random_hadamard,
     random_orthogonal,
@@ -159,6 +162,25 @@ def test_autograd_matches_dense() -> None:
     x.grad = None
     (x @ hadamard_matrix(n) / math.sqrt(n) * w).sum().backward()
     torch.testing.assert_close(g_fast, x.grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")
+@pytest.mark.parametrize("n", [64, 1536, 4096, 28 * 64])
+def test_online_hadamard_on_cpu_is_the_native_butterfly_with_its_gradient(n: int) -> None:
+    """float32 on a CPU runs the native butterfly (a plan first made in inference mode included); forward and
+    gradient equal the dense transform to float32 rounding."""
+    plan_key = (n, torch.float32, torch.device("cpu"))
+    hadamard_module._PLANS.pop(plan_key, None)
+    with torch.inference_mode():
+        online_hadamard(torch.randn(1, n))
+    assert hadamard_module._PLANS[plan_key].kernels is not None
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n), requires_grad=True)
+    w = torch.randn(3, 5, n)
+    y = online_hadamard(x)
+    dense = hadamard_matrix(n).float() / math.sqrt(n)
+    torch.testing.assert_close(y, x.detach() @ dense, rtol=0, atol=2e-5)
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, w @ dense.t(), rtol=0, atol=2e-5)
 
 
 def test_cache_made_in_inference_mode_still_supports_autograd() -> None:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .. import native
 from ..errors import SpinQuantError
 
 __all__ = [
@@ -282,12 +283,15 @@ def fast_hadamard_transform(x: torch.Tensor, scale: float | None = None) -> torc
 
 
 class HadamardPlan:
-    """x @ hadamard_matrix(n) / √n as two or three small dense matmuls (Kronecker factors).
+    """x @ hadamard_matrix(n) / √n as two or three small dense matmuls (Kronecker factors), or on a CPU the
+    native butterfly (`hadamard_rows`, with its gradient registered for rotation training).
 
     hadamard_matrix(n) = H_K ⊗ S_p (S: Sylvester, S_{ab} = S_a ⊗ S_b), so with x viewed as [K, p1, p2]
-    the transform is H_Kᵀ · (S_p1 · X · S_p2). BLAS does this 3-5x faster on CPU than the butterfly's
-    log2(p) passes of small ops (measured: decode R4 0.02 vs 0.10 ms, prefill R3 0.4 vs 2.0 ms); results
-    agree with `fast_hadamard_transform` to float rounding.
+    the transform is H_Kᵀ · (S_p1 · X · S_p2). BLAS does this 3-5x faster than the butterfly as PyTorch
+    ops (decode R4 0.02 vs 0.10 ms, prefill R3 0.4 vs 2.0 ms), but the native butterfly is 2-8x faster than
+    BLAS on a CPU where the Sylvester part dominates (n = 1536: 3.3 vs 10.7 ms for 512 rows), and no slower
+    elsewhere but where K > p (576 = 36 · 16), which keeps BLAS. Results agree to float rounding; one plan
+    per (n, dtype, device) serves the fake-quant model and the packed runtime alike, so they round alike.
     """
 
     MAX_DENSE = 512  # largest Sylvester block kept dense (1 MiB in float32)
@@ -301,9 +305,16 @@ class HadamardPlan:
             self.s2 = (hadamard_matrix(self.p2, torch.float64) / n**0.5).to(dtype=dtype, device=device)
             self.s1 = hadamard_matrix(self.p1, torch.float64).to(dtype=dtype, device=device) if self.p1 > 1 else None
         self.base = _base_on(self.k, dtype, device) if self.k > 1 else None  # H_Kᵀ
+        self.kernels = None
+        if device.type == "cpu" and dtype == torch.float32 and self.k <= p:
+            self.kernels = native.kernels()
+            with torch.inference_mode(False):
+                self.native_base = hadamard_base(n).clone()  # H_Kᵀ, or empty for K = 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.kernels is not None:
+            return self.kernels.hadamard_rows(x.reshape(-1, self.n).contiguous(), self.native_base).reshape(shape)
         y = x.reshape(-1, self.p2) @ self.s2
         if self.s1 is not None:
             y = torch.matmul(self.s1, y.reshape(-1, self.p1, self.p2))
@@ -317,7 +328,7 @@ _PLANS: dict[tuple[int, torch.dtype, torch.device], HadamardPlan] = {}
 
 def hadamard_base(n: int) -> torch.Tensor:
     """H_Kᵀ of hadamard_matrix(n) = H_K ⊗ S_p in float32 (an empty tensor when K = 1): what the native
-    butterfly transform (runtime/native, `hadamard_rows`) needs besides x."""
+    butterfly transform (native, `hadamard_rows`) needs besides x."""
     k, _ = hadamard_factors(n)
     return _base_on(k, torch.float32, torch.device("cpu")) if k > 1 else torch.empty(0)
 
