@@ -190,14 +190,15 @@ def test_packed_int4_kernel_equals_the_int8_kernel_bit_for_bit(label, wspec, asp
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 2, 17])
+@pytest.mark.parametrize("rows,n,k", [(1, 50, 64), (2, 50, 64), (17, 50, 64), (263, 61, 576)])
 @pytest.mark.parametrize("act", [QuantSpec(8, True), QuantSpec(8, False, clip_ratio=0.9), QuantSpec(4, False)])
-def test_native_int8_weights_equal_the_int8_matmul(rows, act):
+def test_native_int8_weights_equal_the_int8_matmul(rows, n, k, act):
+    """Single rows, 4-row prefill tiles over L1 strips of columns and 256-row blocks, odd remainders."""
     torch.manual_seed(1)
-    w = torch.randint(-127, 128, (50, 64), dtype=torch.int8)
-    lin = IntLinear(w, torch.rand(50) + 0.01, act, torch.randn(50))
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    lin = IntLinear(w, torch.rand(n) + 0.01, act, torch.randn(n))
     assert lin.native
-    x = torch.randn(rows, 64)
+    x = torch.randn(rows, k)
     native_out = lin(x)
     lin.native = False
     assert torch.equal(native_out, lin(x))

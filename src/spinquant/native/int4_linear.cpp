@@ -551,6 +551,70 @@ inline void int8_block(const uint8_t* xp, const int32_t* xop, const int8_t* wp, 
     }
 }
 
+#if defined(__AVX2__)
+// Prefill: a 4-row x 2-column tile of Σ (xu - 128)·w (int8_tile's sign trick), row-major in one vector.
+inline __m256i int8_sums_4x2(const uint8_t* xu, int64_t K, const int8_t* w) {
+  __m256i acc[8];
+  for (auto& a : acc) a = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  for (int64_t k = 0; k < K; k += kBlock) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + K + k));
+    for (int i = 0; i < 4; ++i) {
+      const __m256i xs = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + i * K + k)), flip);
+      const __m256i ax = _mm256_sign_epi8(xs, xs);
+      acc[2 * i] = _mm256_add_epi32(acc[2 * i], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xs)), ones));
+      acc[2 * i + 1] = _mm256_add_epi32(acc[2 * i + 1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xs)), ones));
+    }
+  }
+  return hsum8(acc);
+}
+
+// Rows [m0, m0 + 4) x columns [n0, n1): the sums tile by tile, then int8_block's epilogue eight columns at a
+// time in its order (same bits).
+void int8_rows4(const uint8_t* xp, const int32_t* xop, const int8_t* wp, const int32_t* wsp, const float* sxp,
+                const float* swp, const float* b, float* yp, int64_t K, int64_t N, int64_t m0, int64_t n0,
+                int64_t n1, int32_t* raw) {
+  const int64_t width = n1 - n0;
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    alignas(32) int32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), int8_sums_4x2(xp + m0 * K, K, wp + n * K));
+    for (int i = 0; i < 4; ++i) {
+      raw[i * width + n - n0] = t[2 * i];
+      raw[i * width + n - n0 + 1] = t[2 * i + 1];
+    }
+  }
+  if (n < n1) {
+    int32_t t[4][1];
+    int8_tile<4, 1>(xp + m0 * K, wp + n * K, K, t);
+    for (int i = 0; i < 4; ++i) raw[i * width + n - n0] = t[i][0];
+  }
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + i;
+    const int32_t off = 128 - xop[m];
+    const float sx = sxp[m];
+    const int32_t* r = raw + i * width;
+    float* y = yp + m * N;
+    int64_t c = n0;
+    for (; c + 8 <= n1; c += 8) {
+      const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsp + c));
+      const __m256i exact = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + c - n0)),
+                                             _mm256_mullo_epi32(_mm256_set1_epi32(off), ws));
+      __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(exact), _mm256_set1_ps(sx)), _mm256_loadu_ps(swp + c));
+      if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c));
+      _mm256_storeu_ps(y + c, v);
+    }
+    for (; c < n1; ++c) {
+      float v = float(r[c - n0] + off * wsp[c]) * sx;
+      v = v * swp[c];
+      if (b) v = v + b[c];
+      y[c] = v;
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 // y [M, N] = (Σ (xu - xo)·w) · s_x · s_w (+ bias): activation codes of ≤ 8 bits × int8 weights per channel
@@ -581,6 +645,19 @@ at::Tensor int8_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t q0, int64_t q1) {
     const int64_t n0 = q0 * 4, n1 = std::min(N, q1 * 4);
     int64_t m = 0;
+#if defined(__AVX2__)
+    if (M >= 4) {
+      // Prefill (e.g. the lm_head over a 2048-token window): blocks of 256 rows (L2) pass over strips of
+      // columns small enough to stay in L1 (16 KiB of weights).
+      const int64_t strip = std::max<int64_t>(2, 16384 / K), rows = 256, full = M / 4 * 4;
+      std::vector<int32_t> raw(4 * strip);
+      for (int64_t r0 = 0; r0 < full; r0 += rows)
+        for (int64_t c0 = n0; c0 < n1; c0 += strip)
+          for (int64_t mm = r0; mm < std::min(full, r0 + rows); mm += 4)
+            int8_rows4(xp, xop, wp, wsp, sxp, swp, b, yp, K, N, mm, c0, std::min(n1, c0 + strip), raw.data());
+      m = full;
+    }
+#endif
     for (; m + 4 <= M; m += 4) {
       int64_t n = n0;
       for (; n + 4 <= n1; n += 4) int8_block<4, 4>(xp, xop, wp, wsp, sxp, swp, b, yp, K, N, m, n);
@@ -909,34 +986,60 @@ at::Tensor hadamard_rows(at::Tensor x, at::Tensor base) {
   float* yp = y.data_ptr<float>();
   const float* bp = k > 1 ? base.data_ptr<float>() : nullptr;
   const float norm = 1.0f / std::sqrt(float(n));
-  std::vector<float> mixed(k > 1 ? n : 0);
-  for (int64_t r = 0; r < R; ++r) {
-    float* row = yp + r * n;
-    for (int64_t j = 0; j < k; ++j) {
-      float* v = row + j * p;
-      for (int64_t h = 1; h < p; h *= 2)
-        for (int64_t i = 0; i < p; i += 2 * h)
-          for (int64_t t = i; t < i + h; ++t) {
-            const float a = v[t], b = v[t + h];
-            v[t] = a + b;
-            v[t + h] = a - b;
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+    std::vector<float> mixed(k > 1 ? n : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = yp + r * n;
+      for (int64_t j = 0; j < k; ++j) {
+        float* v = row + j * p;
+        int64_t h = 1;
+#if defined(__AVX2__)
+        if (p >= 8) {
+          // Strides 1, 2, 4 inside each vector of 8: the partner by a permute, then a + b in the lower and
+          // a - b in the upper lanes of each pair (the scalar butterfly's operations, so the same bits).
+          for (int64_t t = 0; t < p; t += 8) {
+            __m256 a = _mm256_loadu_ps(v + t), s;
+            s = _mm256_permute_ps(a, 0xB1);
+            a = _mm256_blend_ps(_mm256_add_ps(a, s), _mm256_sub_ps(s, a), 0xAA);
+            s = _mm256_permute_ps(a, 0x4E);
+            a = _mm256_blend_ps(_mm256_add_ps(a, s), _mm256_sub_ps(s, a), 0xCC);
+            s = _mm256_permute2f128_ps(a, a, 1);
+            a = _mm256_blend_ps(_mm256_add_ps(a, s), _mm256_sub_ps(s, a), 0xF0);
+            _mm256_storeu_ps(v + t, a);
           }
-    }
-    if (k > 1) {
-      for (int64_t i = 0; i < k; ++i) {
-        float* out = mixed.data() + i * p;
-        for (int64_t d = 0; d < p; ++d) out[d] = 0.0f;
-        for (int64_t j = 0; j < k; ++j) {
-          const float c = bp[i * k + j];
-          const float* in = row + j * p;
-          for (int64_t d = 0; d < p; ++d) out[d] += c * in[d];
+          for (h = 8; h < p; h *= 2)
+            for (int64_t i = 0; i < p; i += 2 * h)
+              for (int64_t t = i; t < i + h; t += 8) {
+                const __m256 a = _mm256_loadu_ps(v + t), b = _mm256_loadu_ps(v + t + h);
+                _mm256_storeu_ps(v + t, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(v + t + h, _mm256_sub_ps(a, b));
+              }
         }
+#endif
+        for (; h < p; h *= 2)
+          for (int64_t i = 0; i < p; i += 2 * h)
+            for (int64_t t = i; t < i + h; ++t) {
+              const float a = v[t], b = v[t + h];
+              v[t] = a + b;
+              v[t + h] = a - b;
+            }
       }
-      for (int64_t d = 0; d < n; ++d) row[d] = mixed[d] * norm;
-    } else {
-      for (int64_t d = 0; d < n; ++d) row[d] *= norm;
+      if (k > 1) {
+        for (int64_t i = 0; i < k; ++i) {
+          float* out = mixed.data() + i * p;
+          for (int64_t d = 0; d < p; ++d) out[d] = 0.0f;
+          for (int64_t j = 0; j < k; ++j) {
+            const float c = bp[i * k + j];
+            const float* in = row + j * p;
+            for (int64_t d = 0; d < p; ++d) out[d] += c * in[d];
+          }
+        }
+        for (int64_t d = 0; d < n; ++d) row[d] = mixed[d] * norm;
+      } else {
+        for (int64_t d = 0; d < n; ++d) row[d] *= norm;
+      }
     }
-  }
+  });
   return y;
 }
 
