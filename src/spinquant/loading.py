@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,8 +81,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     hf_logging.set_verbosity_error()  # GGUF loading is chatty; our own progress shows instead
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would bury a one-line error below it
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
+        with _gguf_parsed_once() if gguf_file else _nothing():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
     except SpinQuantError:
         raise
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a pickle that is not just tensors
@@ -109,6 +112,35 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     model.to(device).eval()
     model.spinquant_source = name
     return model, tokenizer
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file three times per load (config, tokenizer, weights), ~5 s each for
+    SmolLM2's 49k-token vocabulary, and builds gguf's tensor-name map once per tensor (397 times). Both are
+    pure functions of their arguments, and transformers looks them up on the `gguf` package at each call,
+    so for the duration of one load the package hands out one parse per file and one map per architecture."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parsed: dict = {}
+
+    def read_once(path, mode="r"):
+        key = (str(path), mode)
+        if key not in parsed:
+            parsed[key] = reader(path, mode)
+        return parsed[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _tied_head(model, key: str) -> bool:
