@@ -16,8 +16,10 @@ HERE = Path(__file__).resolve().parent
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    # Thread-pool settings change the figures (OMP_WAIT_POLICY=active: +25% decode at 2 threads here).
+    env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS") if k in os.environ}
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_avg_at_start": os.getloadavg()}
+            "load_avg_at_start": os.getloadavg(), "env": env}
 
 
 def write_record(path: Path, **figures) -> None:
