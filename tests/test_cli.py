@@ -7,6 +7,8 @@ import transformers
 from conftest import byte_tokenizer, save_tiny
 
 from spinquant.cli import main
+from spinquant.config import RunConfig
+from spinquant.errors import SpinQuantError
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -155,3 +157,21 @@ def test_flag_defaults_are_the_config_defaults_and_help_shows_them():
                         ("--gptq-samples", ref.gptq.samples), ("--rotation", ref.rotation.mode)):
         after = help_text.split(f" {flag} ", 1)[1]
         assert f"(default: {value})" in after.split(" --", 1)[0], flag
+
+
+def test_rotation_mode_is_one_enum_from_flag_to_saved_json():
+    """The CLI's choices are the enum's values; configs built from plain words (the Python API, replace())
+    hold the enum; a word assigned later is converted by validate(); an unknown one is refused there."""
+    from dataclasses import replace
+
+    from spinquant.config import RotationConfig, RotationMode
+
+    assert replace(RotationConfig(), mode="learned").mode is RotationMode.LEARNED
+    cfg = RunConfig()
+    cfg.rotation.mode = "random"  # README's Python example sets it this way
+    cfg.validate()
+    assert cfg.rotation.mode is RotationMode.RANDOM and json.dumps({"m": cfg.rotation.mode}) == '{"m": "random"}'
+    assert f"{RotationMode.HADAMARD}" == "hadamard" and not RotationMode.NONE.rotates
+    cfg.rotation.mode = "spin"
+    with pytest.raises(SpinQuantError, match="rotation 'spin' is unknown; use none, hadamard, random, learned"):
+        cfg.validate()

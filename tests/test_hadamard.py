@@ -21,8 +21,8 @@ from spinquant.rotation.hadamard import (
     fast_hadamard_transform,
     hadamard_factors,
     hadamard_matrix,
-    online_hadamard,
     is_hadamard_size,
+    online_hadamard,
     random_hadamard,
     random_orthogonal,
 )

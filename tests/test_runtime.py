@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
 
+from spinquant import native
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
 from spinquant.errors import SpinQuantError
 from spinquant.pipeline import quantize_model
@@ -18,7 +19,6 @@ from spinquant.quant.modules import KVQuant, QuantLinear
 from spinquant.quant.quantizer import fake_quantize, quantize_activation, quantize_weight
 from spinquant.rotation.hadamard import fast_hadamard_transform
 from spinquant.rotation.hadamard import online_hadamard as hadamard
-from spinquant import native
 from spinquant.runtime import load_quantized, save_quantized
 from spinquant.runtime.kernels import _exact_float_mm, int8_matmul
 from spinquant.runtime.kvcache import QuantKVLayer

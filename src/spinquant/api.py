@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import distributed
-from .config import QuantConfig, QuantSpec, RunConfig
+from .config import QuantConfig, QuantSpec, RotationMode, RunConfig
 from .errors import SpinQuantError
 from .evaluation.data import load_text, tokenize_windows
 from .evaluation.scoring import perplexity
@@ -41,7 +41,7 @@ def check_new_tokens(model, n: int, flag: str) -> None:
 
 def check_calibration_seq_len(model, cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
     """Training and GPTQ windows must fit the model's context too; checked before any work."""
-    learned = cfg.rotation.mode == "learned" or "learned" in methods
+    learned = cfg.rotation.mode == RotationMode.LEARNED or RotationMode.LEARNED in methods
     if learned and not cfg.rotation.rotation_file:
         check_seq_len(model, cfg.train.seq_len, "--train-seq-len")
     if cfg.quant.weight_method == "gptq":
@@ -173,12 +173,12 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     if method == "fp":
         off = QuantSpec(bits=16)
         return replace(cfg, quant=QuantConfig(weight=off, act=off, key=off, value=off),
-                       rotation=replace(cfg.rotation, mode="none", save_file=None, rotation_file=None))
+                       rotation=replace(cfg.rotation, mode=RotationMode.NONE, save_file=None, rotation_file=None))
     if method == "rtn":
-        return replace(cfg, rotation=replace(cfg.rotation, mode="none", save_file=None, rotation_file=None))
-    if method in ("hadamard", "random"):
+        return replace(cfg, rotation=replace(cfg.rotation, mode=RotationMode.NONE, save_file=None, rotation_file=None))
+    if method in (RotationMode.HADAMARD, RotationMode.RANDOM):
         return replace(cfg, rotation=replace(cfg.rotation, mode=method, save_file=None, rotation_file=None))
-    if method == "learned":
+    if method == RotationMode.LEARNED:
         return replace(cfg, rotation=replace(cfg.rotation, mode=method))
     raise SpinQuantError(f"unknown method {method!r}; use fp, rtn, hadamard, random or learned")
 

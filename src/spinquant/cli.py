@@ -8,7 +8,16 @@ import sys
 from dataclasses import replace
 
 from . import api, distributed
-from .config import DEFAULT_MODEL, STE_KINDS, TABLE_DTYPES, TRAIN_PRESETS, QuantConfig, QuantSpec, RunConfig
+from .config import (
+    DEFAULT_MODEL,
+    STE_KINDS,
+    TABLE_DTYPES,
+    TRAIN_PRESETS,
+    QuantConfig,
+    QuantSpec,
+    RotationMode,
+    RunConfig,
+)
 from .errors import SpinQuantError
 from .evaluation.data import check_calibration_differs
 
@@ -142,7 +151,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
 
     r = p.add_argument_group("rotation")
-    r.add_argument("--rotation", choices=("none", "hadamard", "random", "learned"), default=DEFAULTS.rotation.mode,
+    r.add_argument("--rotation", choices=[m.value for m in RotationMode], default=DEFAULTS.rotation.mode.value,
                    help="R1/R2: none, random Hadamard (QuaRot), random orthogonal, or learned (SpinQuant)")
     r.add_argument("--no-r3", action="store_true", help="no online Hadamard on Q/K (R3)")
     r.add_argument("--no-r4", action="store_true", help="no online Hadamard before down_proj (R4)")
@@ -195,7 +204,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         weight_method=a.weight_quant,
     )
     # compare picks each row's rotation from --methods; a --rotation-file there is the learned row's.
-    mode = "learned" if getattr(a, "methods", None) and a.rotation_file else a.rotation
+    mode = RotationMode.LEARNED if getattr(a, "methods", None) and a.rotation_file else a.rotation
     cfg.rotation = replace(cfg.rotation, mode=mode, r3=not a.no_r3, r4=not a.no_r4,
                            rotation_file=a.rotation_file, save_file=a.save_rotation)
     preset = dict(TRAIN_PRESETS[a.train_preset])
@@ -233,7 +242,7 @@ def _check_side_outputs(cfg: RunConfig) -> None:
         for f in loss_curve_files(stem):
             check_writable(f, cfg.overwrite, directory=False)
     ckpt = cfg.train.checkpoint
-    if ckpt and cfg.rotation.mode == "learned" and not cfg.rotation.rotation_file and ckpt != cfg.train.resume:
+    if ckpt and cfg.rotation.mode == RotationMode.LEARNED and not cfg.rotation.rotation_file and ckpt != cfg.train.resume:
         # A file there already is the user's (training then rewrites its own checkpoint on every save).
         check_writable(Path(ckpt), cfg.overwrite, directory=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Literal
 
 from .errors import SpinQuantError
@@ -12,7 +13,28 @@ DEFAULT_MODEL = "smollm2-135m"  # the embedded default (models/builtin.py): work
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 TABLE_DTYPES = ("int8", "float16", "bfloat16", "float32")  # how a saved model stores embedding and lm_head
 STE_KINDS = ("clipped", "identity")  # straight-through gradients of a quantizer (quant.quantizer.quantize_codes)
-RotationMode = Literal["none", "hadamard", "random", "learned"]
+
+
+class RotationMode(str, Enum):
+    """Where R1/R2 come from. A str, so configs, JSON and CLI values stay the plain words."""
+
+    NONE = "none"  # no rotation at all (no R3/R4 either)
+    HADAMARD = "hadamard"  # random Hadamard (QuaRot)
+    RANDOM = "random"  # Haar-random orthogonal
+    LEARNED = "learned"  # Cayley SGD from a random Hadamard start, or loaded from a rotation file
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def rotates(self) -> bool:
+        return self is not RotationMode.NONE
+
+    @property
+    def needs_hadamard(self) -> bool:
+        """R1/R2 built from Hadamard matrices (learned ones start there), so the sizes must have one."""
+        return self in (RotationMode.HADAMARD, RotationMode.LEARNED)
+
 WeightMethod = Literal["rtn", "gptq"]
 
 
@@ -84,17 +106,38 @@ class QuantConfig:
 class RotationConfig:
     """R1/R2 (merged into weights) and the online Hadamards R3 (Q/K) and R4 (down_proj input)."""
 
-    mode: RotationMode = "hadamard"
+    mode: RotationMode = RotationMode.HADAMARD
     r3: bool = True
     r4: bool = True
     rotation_file: str | None = None  # with mode=learned: reuse saved rotations instead of training
     save_file: str | None = None
 
+    def __post_init__(self) -> None:
+        try:
+            self.mode = RotationMode(self.mode)
+        except ValueError:
+            raise SpinQuantError(f"rotation {self.mode!r} is unknown; use "
+                                 f"{', '.join(m.value for m in RotationMode)}") from None
+
     def validate(self) -> None:
-        if self.mode not in ("none", "hadamard", "random", "learned"):
-            raise SpinQuantError(f"rotation {self.mode!r} is unknown; use none, hadamard, random or learned")
-        if self.rotation_file and self.mode != "learned":
+        self.__post_init__()  # a mode assigned after construction is checked here
+        if self.rotation_file and self.mode != RotationMode.LEARNED:
             raise SpinQuantError("--rotation-file only applies to --rotation learned; add --rotation learned")
+
+
+@dataclass(frozen=True)
+class QuantizedAs:
+    """What a model was quantized with, as the pipeline recorded it on the model (`quantized_as(cfg)`):
+    saving and exporting write these specs as they are, never re-inferred from the installed modules."""
+
+    weight: QuantSpec
+    act: QuantSpec
+    key: QuantSpec
+    value: QuantSpec
+    weight_method: str
+    rotation: RotationMode
+    r3: bool  # online Hadamard on Q/K (with any rotation but none)
+    r4: bool  # online Hadamard before down_proj
 
 
 @dataclass
@@ -218,6 +261,16 @@ class RunConfig:
 
     def loss_curve_stem(self) -> str | None:
         """Where rotation training writes its loss curve (`<stem>.loss.csv`, `.loss.png`), if it trains."""
-        if self.rotation.mode != "learned" or self.rotation.rotation_file:
+        if self.rotation.mode != RotationMode.LEARNED or self.rotation.rotation_file:
             return None
         return self.rotation.save_file or (f"{self.output.rstrip('/')}-rotation" if self.output else None)
+
+
+def quantized_as(cfg: RunConfig) -> QuantizedAs:
+    """The record of a run's quantization (a copy: later edits of cfg do not change it)."""
+    from copy import deepcopy
+
+    q, rot = deepcopy(cfg.quant), cfg.rotation
+    rotates = RotationMode(rot.mode) != RotationMode.NONE
+    return QuantizedAs(weight=q.weight, act=q.act, key=q.key, value=q.value, weight_method=q.weight_method,
+                       rotation=RotationMode(rot.mode), r3=rotates and rot.r3, r4=rotates and rot.r4)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
-from .config import QuantSpec, RunConfig
+from .config import QuantSpec, RotationMode, RunConfig, quantized_as
 from .errors import SpinQuantError
 from .models import ModelParts, model_parts
 from .quant.install import install_modules, set_activation_quant
@@ -39,13 +39,13 @@ class QuantizeReport:
 def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
     """Fail before any work if a needed Hadamard size or a group size does not fit this model."""
     rot = cfg.rotation
-    if rot.mode in ("hadamard", "learned"):
+    if rot.mode.needs_hadamard:
         for what, n in (("hidden size", parts.hidden_size), ("head_dim", parts.head_dim)):
             if not is_hadamard_size(n):
                 raise SpinQuantError(
                     f"no Hadamard construction known for the {what} {n}; use --rotation random instead"
                 )
-    if rot.mode != "none":
+    if rot.mode.rotates:
         for what, n, on in (("intermediate size (R4)", parts.intermediate_size, rot.r4),
                             ("head_dim (R3)", parts.head_dim, rot.r3)):
             if on and not is_hadamard_size(n):
@@ -99,12 +99,12 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progres
     """Fixed rotations by construction, learned ones from a file or by training (model already prepared)."""
     rot = cfg.rotation
     n_layers = len(parts.layers)
-    if rot.mode == "learned" and rot.rotation_file:
+    if rot.mode == RotationMode.LEARNED and rot.rotation_file:
         r = load_rotations(rot.rotation_file)
         r.check(parts.hidden_size, parts.head_dim, n_layers)
         return r
     init = make_rotations(rot.mode, parts.hidden_size, parts.head_dim, n_layers, seed=cfg.seed)
-    if rot.mode != "learned":
+    if rot.mode != RotationMode.LEARNED:
         return init
     from .training.loop import train_rotations
 
@@ -132,7 +132,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     parts = model_parts(model)
     check_supported(parts, cfg)
     report = QuantizeReport(rotation=cfg.rotation.mode, quant=cfg.quant.label, weight_method=cfg.quant.weight_method)
-    rotated = cfg.rotation.mode != "none"
+    rotated = cfg.rotation.mode.rotates
     t = time.perf_counter()
     if rotated:
         prepare(parts)
@@ -169,4 +169,5 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.
     apply_tables(parts, cfg.tables)
     model.spinquant_rotations = rotations
+    model.spinquant_quantized_as = quantized_as(cfg)  # what save and export write (runtime/checkpoint.py)
     return report

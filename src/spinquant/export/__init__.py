@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import RotationMode
 from ..errors import SpinQuantError
 from .compressed_tensors import export_compressed_tensors
 from .gguf import WEIGHT_TYPES, export_gguf
@@ -73,7 +74,7 @@ def check_request(request: ExportRequest, cfg: Any = None) -> None:
     check_writable(Path(request.output), request.overwrite)
     if cfg is None:
         return
-    rotated = cfg.rotation.mode != "none"
+    rotated = cfg.rotation.mode != RotationMode.NONE
     if request.format == "gguf" and rotated and (cfg.rotation.r3 or cfg.rotation.r4):
         raise SpinQuantError("llama.cpp has no online Hadamard (R3/R4); add --no-r3 --no-r4 for a GGUF export "
                              "(R1/R2 are merged and kept)")

@@ -112,16 +112,17 @@ def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
     """Collect an in-memory model after `spinquant.quantize` (a plain float model works for GGUF too)."""
     from ..models import model_parts
     from ..quant.modules import QuantLinear
+    from ..runtime.checkpoint import quantized_as
 
     if getattr(model, "spinquant_config", None) is not None and not hasattr(model, "spinquant_rotations"):
         raise SpinQuantError("this is a runtime model loaded from a saved folder; export the folder itself "
                              "with: spinquant export DIR --format ...")
     parts = model_parts(model)
     adapter = parts.adapter
+    # A quantized model carries the record of how (checked against its modules); a float model exports as is.
+    record = quantized_as(model) if isinstance(parts.layers[0].linears()["q"], QuantLinear) else None
+    off = QuantSpec(bits=16)
     linears: dict[str, ExportLinear] = {}
-    weight_specs = set()
-    act = QuantSpec(bits=16)
-    r4_on = []
     for layer in parts.layers:
         for role, lin in layer.linears().items():
             path = f"{adapter.layers}.{layer.index}.{getattr(adapter.layer, role)}"
@@ -129,21 +130,9 @@ def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
             w = lin.weight.detach().float().clone()
             if qt is not None:
                 qt = _normalized(qt, w.shape)
-                weight_specs.add((qt.bits, qt.symmetric, qt.group_size))
-            else:
-                weight_specs.add(None)
             bias = lin.bias.detach().float().clone() if getattr(lin, "bias", None) is not None else None
             linears[path] = ExportLinear(w, qt, bias)
-            if isinstance(lin, QuantLinear):
-                act = lin.act_quant.spec
-                if role == "down":
-                    r4_on.append(lin.input_transform is not None)
-    if len(weight_specs) > 1:
-        raise SpinQuantError("only some linears have quantized weights, or with different settings; re-run the "
-                             "quantization before exporting")
-    spec = next(iter(weight_specs))
-    weight = QuantSpec(bits=16) if spec is None else QuantSpec(bits=spec[0], symmetric=spec[1], group_size=spec[2])
-    kv = getattr(parts.layers[0].attention, "kv_quant", None)
+    weight = record.weight if record is not None and record.weight.enabled else off
     done = {f"{p}.{n}" for p in linears for n in ("weight", "bias")}
     tensors = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k not in done}
     # A tied model keeps one table: give the head its own copy under its own name.
@@ -151,10 +140,9 @@ def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
     rotations = getattr(model, "spinquant_rotations", None)
     return ExportSource(
         config=clean_config(model.config), adapter=adapter, linears=linears, tensors=tensors, weight=weight,
-        act=act, key=kv.key_quant.spec if kv is not None else QuantSpec(bits=16),
-        value=kv.value_quant.spec if kv is not None else QuantSpec(bits=16),
-        r3=parts.head_dim if kv is not None and kv.rotate_qk else None,
-        r4=parts.intermediate_size if r4_on and all(r4_on) else None,
+        act=record.act if record else off, key=record.key if record else off,
+        value=record.value if record else off, r3=parts.head_dim if record and record.r3 else None,
+        r4=parts.intermediate_size if record and record.r4 else None,
         rotation="none" if rotations is None else "merged",
         rotations=rotations, tokenizer=tokenizer, source_name=getattr(model, "spinquant_source", None),
     )

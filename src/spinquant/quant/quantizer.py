@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import STE_KINDS, QuantSpec
 from .. import native
+from ..config import STE_KINDS, QuantSpec
 from ..errors import SpinQuantError
 
 

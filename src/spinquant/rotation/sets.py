@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import RotationMode
 from ..errors import SpinQuantError, unpickling_refusal
 from ..io import atomic_path
 from .hadamard import random_hadamard, random_orthogonal
@@ -59,13 +60,15 @@ def check_orthogonal(name: str, r: torch.Tensor, fix: str) -> None:
 
 
 def make_rotations(
-    mode: str, hidden: int, head_dim: int, num_layers: int, seed: int = 0
+    mode: RotationMode, hidden: int, head_dim: int, num_layers: int, seed: int = 0
 ) -> Rotations | None:
-    """Fixed rotations: random Hadamard (QuaRot-style) or Haar-random orthogonal. None for mode 'none'."""
-    if mode == "none":
+    """Fixed rotations: random Hadamard (QuaRot-style, and learned ones' start) or Haar-random orthogonal.
+    None for RotationMode.NONE."""
+    mode = RotationMode(mode)
+    if not mode.rotates:
         return None
     gen = torch.Generator().manual_seed(seed)
-    make = random_hadamard if mode in ("hadamard", "learned") else random_orthogonal
+    make = random_hadamard if mode.needs_hadamard else random_orthogonal
     # An impossible size raises HadamardSizeError, itself a SpinQuantError with the fix in its message.
     return Rotations(make(hidden, generator=gen), [make(head_dim, generator=gen) for _ in range(num_layers)])
 

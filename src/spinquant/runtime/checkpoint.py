@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import QuantSpec, RunConfig
+from ..config import QuantizedAs, QuantSpec, RunConfig
 from ..errors import SpinQuantError
 from ..io import atomic_path
 from ..models import model_parts
@@ -50,26 +50,27 @@ def _table(prefix: str, module: torch.nn.Module, storage: str, out: dict) -> Non
         out[f"{prefix}.weight"] = table.to(TABLE_STORAGE[storage]).contiguous()
 
 
-def _quantized_specs(model) -> tuple[QuantSpec, QuantSpec, QuantSpec, QuantSpec, bool, bool]:
-    """Weight / activation / K / V specs and R3 / R4 as installed in the model (not as requested)."""
+def quantized_as(model) -> QuantizedAs:
+    """What the pipeline recorded on `model` when it quantized it, checked against the installed modules
+    (every linear quantized alike, the same online Hadamards): the specs a save writes."""
+    done = getattr(model, "spinquant_quantized_as", None)
     parts = model_parts(model)
     linears = [lin for layer in parts.layers for lin in layer.linears().values()]
-    if not linears or not all(isinstance(lin, QuantLinear) for lin in linears):
-        raise SpinQuantError("the model is not quantized (no QuantLinear modules); run spinquant.quantize first")
-    first = linears[0].quantized
-    if first is not None:
-        weight = QuantSpec(bits=first.bits, symmetric=first.symmetric, group_size=first.group_size)
-    else:
-        weight = QuantSpec(bits=16)
-    if any((lin.quantized is None) != (first is None) for lin in linears):
-        raise SpinQuantError("only some linears have quantized weights; re-run the quantization")
-    act = linears[0].act_quant.spec
+    if done is None or not linears or not all(isinstance(lin, QuantLinear) for lin in linears):
+        raise SpinQuantError("the model was not quantized by spinquant.quantize (no record of it on the model); "
+                             "run spinquant.quantize first")
+    w = done.weight if done.weight.enabled else None
     kv = getattr(parts.layers[0].attention, "kv_quant", None)
-    key = kv.key_quant.spec if kv is not None else QuantSpec(bits=16)
-    value = kv.value_quant.spec if kv is not None else QuantSpec(bits=16)
-    r3 = bool(kv is not None and kv.rotate_qk)
-    r4 = parts.layers[0].down.input_transform is not None
-    return weight, act, key, value, r3, r4
+    installed_ok = (all((lin.quantized is None) == (w is None) for lin in linears)
+                    and all(lin.quantized.bits == w.bits and lin.quantized.symmetric == w.symmetric
+                            for lin in linears if w is not None)
+                    and all(lin.act_quant.spec == done.act for lin in linears)
+                    and bool(kv is not None and kv.rotate_qk) == done.r3
+                    and all((layer.down.input_transform is not None) == done.r4 for layer in parts.layers))
+    if not installed_ok:
+        raise SpinQuantError("the model's quantized modules no longer match how it was quantized (edited after "
+                             "spinquant.quantize?); re-run the quantization")
+    return done
 
 
 def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
@@ -113,15 +114,17 @@ def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
 
 
 def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str) -> dict:
-    weight, act, key, value, r3, r4 = _quantized_specs(model)
+    done = quantized_as(model)
+    weight = done.weight if done.weight.enabled else QuantSpec(bits=16)
+    act, key, value, r3, r4 = done.act, done.key, done.value, done.r3, done.r4
     parts = model_parts(model)
-    rotation = cfg.rotation.mode if cfg is not None else "unknown"
+    rotation = done.rotation
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "quantization": {"weight": spec_to_dict(weight), "act": spec_to_dict(act), "key": spec_to_dict(key),
                          "value": spec_to_dict(value),
-                         "weight_method": cfg.quant.weight_method if cfg is not None else "unknown",
+                         "weight_method": done.weight_method,
                          "label": f"W{weight.bits}A{act.bits}KV{key.bits}"},
         "rotation": {"mode": rotation, "r1_r2": "merged into the weights" if rotation != "none" else "none"},
         "online_hadamard": {"r3": parts.head_dim if r3 else None, "r4": parts.intermediate_size if r4 else None},

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import native
 from ..config import QuantSpec
 from ..models import model_parts
 from ..rotation.hadamard import hadamard_base
-from .. import native
 from .modules import Int4Linear, IntLinear, LinearSlice
 
 BUCKET = 256  # the static cache grows in steps of this many positions (one compiled graph per size)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .. import native
 from ..config import QuantSpec
 from ..quant.quantizer import qrange, quantize_activation
 from ..rotation.hadamard import online_hadamard as hadamard
-from .. import native
 from .packing import pack_unsigned, packs_two_per_byte, unpack_unsigned
 
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..config import QuantSpec
 from ..errors import SpinQuantError
 from ..models import model_parts
 from ..models.base import get_module, set_module
 from ..quant.modules import HEAD_ACT
 from ..rotation.hadamard import online_hadamard as hadamard
-from .. import native
 from .kvcache import QuantKVCache
 from .modules import (
     FloatLinear,

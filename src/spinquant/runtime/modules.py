@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..config import QuantSpec
 from ..quant.quantizer import fake_quantize, quantize_activation
 from ..rotation.hadamard import online_hadamard as hadamard
-from .. import native
 from .kernels import centered_codes, int8_matmul
 from .packing import to_block32
 
