@@ -173,3 +173,22 @@ def test_native_clip_search_finds_the_tensor_search_minimum(bits, symmetric, gro
     assert torch.all(chosen <= best * (1 + 1e-5) + 1e-30)
     assert (got == expected).float().mean() > 0.98
     assert float(got.reshape(-1, 1)[3 * (g.shape[-2] if g.dim() == 3 else 1)]) == 1.0
+
+
+@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_one_dequantizer_for_every_scale_layout(group, symmetric):
+    """QuantizedTensor.dequantize, the runtime's weight-only modules and the exports all call
+    dequantize_codes: scales as [N], [N, 1] or [N, G] give the same floats, other dtypes are their rounding."""
+    from spinquant.quant.quantizer import dequantize_codes
+
+    w = torch.randn(6, 64, generator=G)
+    qt = quantize_weight(w, QuantSpec(4, symmetric=symmetric, group_size=group))
+    per = (6, -1, 1) if group else (6, 1)
+    codes = to_groups(qt.codes.double(), group)
+    ref = ((codes - qt.zero.double().reshape(per)) * qt.scale.double().reshape(per)).reshape(6, 64)
+    for scale, zero in ((qt.scale, qt.zero), (qt.scale.reshape(6, -1), qt.zero.reshape(6, -1))):
+        out = dequantize_codes(qt.codes, scale, zero, group)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-7)
+        assert torch.equal(out, qt.dequantize())
+        assert torch.equal(dequantize_codes(qt.codes, scale, zero, group, torch.bfloat16), out.bfloat16())

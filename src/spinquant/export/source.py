@@ -75,13 +75,6 @@ def true_codes(qt: QuantizedTensor) -> torch.Tensor:
     return codes
 
 
-def dequantize(qt: QuantizedTensor) -> torch.Tensor:
-    """Float weight of a normalized QuantizedTensor (scale / zero [out, n_groups])."""
-    out = qt.codes.shape[0]
-    g = qt.codes.float().reshape(out, qt.scale.shape[-1], -1)
-    return ((g - qt.zero[..., None]) * qt.scale[..., None]).reshape(qt.codes.shape)
-
-
 def _normalized(qt: QuantizedTensor, shape: torch.Size) -> QuantizedTensor:
     """Scale / zero always [out, n_groups] (n_groups = 1 per channel), codes int16, zero float."""
     out = shape[0]
@@ -193,7 +186,7 @@ def source_from_checkpoint(path: str | Path, verify: bool = True) -> ExportSourc
             zero = tensors.pop(f"{prefix}.zero", None)
             qt = _normalized(QuantizedTensor(codes, scale, zero.float() if zero is not None else None, weight.bits,
                                              weight.symmetric, weight.group_size), codes.shape)
-            linears[prefix] = ExportLinear(dequantize(qt), qt, bias)
+            linears[prefix] = ExportLinear(qt.dequantize(), qt, bias)
     embedding = _float_table(adapter.embedding, tensors)
     tied = tensors.pop(f"{adapter.lm_head}.tied_transform", None)
     head = embedding @ tied.float() if tied is not None else _float_table(adapter.lm_head, tensors)

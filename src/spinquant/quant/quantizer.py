@@ -193,12 +193,21 @@ class QuantizedTensor:
     group_size: int | None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = to_groups(self.codes.to(dtype), self.group_size)
-        out = (g - self.zero.unsqueeze(-1).to(dtype)) * self.scale.unsqueeze(-1).to(dtype)
-        return out.reshape(self.codes.shape)
+        return dequantize_codes(self.codes, self.scale, self.zero, self.group_size, dtype)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         return replace(self, codes=self.codes.to(device), scale=self.scale.to(device), zero=self.zero.to(device))
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int | None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(codes - zero) · scale per row, or per group of `group_size` along the last dim, in float32, then
+    `dtype`: the one dequantizer (fake-quant weights, the runtime's weight-only modules, exports). Scale and
+    zero hold one value per row or group, in any shape with that many elements ([N], [N, 1], [N, G])."""
+    g = to_groups(codes.float(), group_size)
+    per = (*g.shape[:-1], 1) if g.dim() > codes.dim() else (*codes.shape[:-1], 1)
+    z = zero.float().reshape(per) if zero is not None else 0.0
+    return ((g - z) * scale.float().reshape(per)).reshape(codes.shape).to(dtype)
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:

@@ -8,19 +8,10 @@ from torch import nn
 
 from .. import native
 from ..config import QuantSpec
-from ..quant.quantizer import fake_quantize, quantize_activation
+from ..quant.quantizer import dequantize_codes, fake_quantize, quantize_activation
 from ..rotation.hadamard import online_hadamard as hadamard
 from .kernels import centered_codes, int8_matmul
 from .packing import to_block32
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int | None,
-               dtype: torch.dtype) -> torch.Tensor:
-    """(codes - zero) · scale, per row or per group, in float32 like `QuantizedTensor.dequantize`, then `dtype`."""
-    n, k = codes.shape
-    g = codes.float().reshape(n, -1, group or k)
-    z = zero.float().reshape(n, -1, 1) if zero is not None else 0.0
-    return ((g - z) * scale.float().reshape(n, -1, 1)).reshape(n, k).to(dtype)
 
 
 class IntLinear(nn.Module):
@@ -214,7 +205,7 @@ class WeightOnlyLinear(nn.Module):
         self.mode = mode
         self.dtype = dtype
         if mode == "cached":
-            self.register_buffer("weight", dequantize(codes, scale, zero, self.group, dtype))
+            self.register_buffer("weight", dequantize_codes(codes, scale, zero, self.group, dtype))
             for name in ("codes", "scale", "zero"):
                 self.register_buffer(name, None)
         elif mode == "int4pack":
@@ -264,7 +255,7 @@ class WeightOnlyLinear(nn.Module):
             # Per-channel symmetric: scale the output instead of the weight (cheaper than building W).
             y = F.linear(x, self.codes.to(self.dtype)) * self.scale.to(self.dtype)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, dequantize(self.codes, self.scale, self.zero, self.group, self.dtype), self.bias)
+        return F.linear(x, dequantize_codes(self.codes, self.scale, self.zero, self.group, self.dtype), self.bias)
 
     def extra_repr(self) -> str:
         act = f"fake int{self.act.bits}" if self.act else "16-bit"
