@@ -169,6 +169,13 @@ inline void unpack_rows(const uint8_t* w, int64_t K, int64_t count, uint8_t* out
 }
 #endif
 
+// The optional bias of a linear: float32 [N] or none (nullptr).
+inline const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
+  return bias->data_ptr<float>();
+}
+
 struct Problem {
   int64_t M, N, K, group, G, GA, GW;
   const uint8_t* xu;   // [M, K]
@@ -313,11 +320,7 @@ at::Tensor int4_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w
   const int64_t GA = xo.size(1), GW = wz.size(1);
   TORCH_CHECK(GA == 1 || GA == G, "activation groups must be 1 or K/group");
   TORCH_CHECK(GW == 1 || GW == G, "weight groups must be 1 or K/group");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N);
   // Σ xu per row and group: a plain loop (an ATen reduction costs more than the decode GEMV it feeds).
   auto sumx = at::empty({M, G}, xu.options().dtype(at::kInt));
   {
@@ -457,11 +460,7 @@ at::Tensor int4_linear_float(at::Tensor x, at::Tensor w, at::Tensor wz, at::Tens
   TORCH_CHECK(sw.dtype() == at::kFloat && sw.is_contiguous() && sw.sizes() == wz.sizes(), "sw: float [N, GW]");
   const int64_t GW = wz.size(1);
   TORCH_CHECK(GW == 1 || GW == G, "weight groups must be 1 or K/group");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N);
   auto sumx = at::empty({M, G}, x.options());
   {
     const float* xp = x.data_ptr<float>();
@@ -629,11 +628,7 @@ at::Tensor int8_linear(at::Tensor xu, at::Tensor xo, at::Tensor sx, at::Tensor w
   TORCH_CHECK(xo.dtype() == at::kInt && xo.numel() == M && xo.is_contiguous(), "xo: int32 [M]");
   TORCH_CHECK(wsum.dtype() == at::kInt && wsum.numel() == N && wsum.is_contiguous(), "wsum: int32 [N]");
   TORCH_CHECK(sw.dtype() == at::kFloat && sw.numel() == N && sw.is_contiguous(), "sw: float [N]");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float [N]");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_data(bias, N);
   auto y = at::empty({M, N}, sx.options());
   const uint8_t* xp = xu.data_ptr<uint8_t>();
   const int8_t* wp = w.data_ptr<int8_t>();
