@@ -25,7 +25,7 @@ from .. import native
 from ..config import QuantSpec
 from ..models import model_parts
 from ..rotation.hadamard import hadamard_base
-from .modules import Int4Linear, IntLinear, LinearSlice
+from .modules import Int4Linear, IntLinear, LinearSlice, native_linear
 
 BUCKET = 256  # the static cache grows in steps of this many positions (one compiled graph per size)
 
@@ -42,16 +42,12 @@ class LinearPlan:
 
 def _linear_plan(module) -> tuple[LinearPlan, dict[str, torch.Tensor]] | None:
     if isinstance(module, Int4Linear):
-        a = module.act
-        plan = LinearPlan("int4", a, module.group, module.hadamard)
-        tensors = {"w": module.packed, "wz": module.weight_zero, "sum": module.code_sum, "sw": module.weight_scale,
-                   "bias": module.bias}
+        plan = LinearPlan("int4", module.act, module.group, module.hadamard)
     elif isinstance(module, IntLinear) and module.native and not module.group:
         plan = LinearPlan("int8", module.act, module.in_features, module.hadamard)
-        tensors = {"w": module.weight_int, "sum": module.code_sum, "sw": module.weight_scale.reshape(-1),
-                   "bias": module.bias}
     else:
         return None
+    tensors = module.kernel_tensors()
     if plan.hadamard:  # R4 on the input: the native butterfly transform needs H_K's base matrix
         tensors["hadamard"] = hadamard_base(module.in_features)
     return plan, tensors
@@ -61,16 +57,7 @@ def run_linear(plan: LinearPlan, t: dict[str, torch.Tensor], x: torch.Tensor) ->
     """The runtime linear through torch.ops.spinquant (traceable); x is [rows, in]."""
     if plan.hadamard:
         x = torch.ops.spinquant.hadamard_rows(x, t["hadamard"])
-    a = plan.act
-    if plan.kind == "int4" and a is None:
-        return torch.ops.spinquant.int4_linear_float(x, t["w"], t["wz"], t["sw"], t["bias"], plan.group)
-    k = x.shape[-1]
-    a_group = a.group_size if a.group_size not in (None, k) else k
-    if plan.kind == "int4":
-        return torch.ops.spinquant.int4_linear_dynamic(x, a.bits, a.symmetric, a.clip_ratio, a_group, t["w"], t["wz"],
-                                                       t["sum"], t["sw"], t["bias"], plan.group)
-    xu, xo, sx = torch.ops.spinquant.quantize_rows(x, a.bits, a.symmetric, a.clip_ratio, a_group)
-    return torch.ops.spinquant.int8_linear(xu, xo.reshape(-1), sx.reshape(-1), t["w"], t["sum"], t["sw"], t["bias"])
+    return native_linear(plan.kind, plan.act, plan.group, t, x)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,26 @@ from .kernels import centered_codes, int8_matmul
 from .packing import to_block32
 
 
+def native_linear(kind: str, act: QuantSpec | None, group: int, t: dict[str, torch.Tensor],
+                  x: torch.Tensor) -> torch.Tensor:
+    """A packed linear through torch.ops.spinquant, x float32 [rows, in] contiguous (traceable): the one call
+    site of the kernels for the module forwards below and the decode step (runtime/decode.py).
+
+    kind "int4": Int4Linear's tensors (float activations when act is None); "int8": per-channel IntLinear's.
+    `t` is the module's `kernel_tensors()` (w, wz, sum, sw, bias).
+    """
+    ops = torch.ops.spinquant
+    if kind == "int4" and act is None:
+        return ops.int4_linear_float(x, t["w"], t["wz"], t["sw"], t["bias"], group)
+    k = x.shape[-1]
+    a_group = act.group_size if act.group_size not in (None, k) else k
+    if kind == "int4":
+        return ops.int4_linear_dynamic(x, act.bits, act.symmetric, act.clip_ratio, a_group, t["w"], t["wz"], t["sum"],
+                                       t["sw"], t["bias"], group)
+    xu, xo, sx = ops.quantize_rows(x, act.bits, act.symmetric, act.clip_ratio, a_group)
+    return ops.int8_linear(xu, xo.reshape(-1), sx.reshape(-1), t["w"], t["sum"], t["sw"], t["bias"])
+
+
 class IntLinear(nn.Module):
     """y = (x_int · W_intᵀ) · s_x · s_w (+ b): dynamic per-token int activations, int32 accumulation.
 
@@ -71,14 +91,15 @@ class IntLinear(nn.Module):
     CHUNK = 1 << 22  # output elements per integer matmul: bounds the int32 result and oneDNN's scratch
 
 
+    def kernel_tensors(self) -> dict[str, torch.Tensor | None]:
+        """What `native_linear` reads (kind "int8"; per-channel layers with `native` set)."""
+        return {"w": self.weight_int, "sum": self.code_sum, "sw": self.weight_scale.reshape(-1), "bias": self.bias}
+
     def _per_channel(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.native and x2.device.type == "cpu":
-            kern = native.kernels()
-            if kern is not None:
-                a = self.act
-                xu, xo, sx = kern.quantize_rows(x2.float().contiguous(), a.bits, a.symmetric, a.clip_ratio,
-                                                self.in_features)
-                return kern.int8_linear(xu, xo, sx, self.weight_int, self.code_sum, self.weight_scale, None)
+        if self.native and x2.device.type == "cpu" and native.available():
+            # The bias is added by forward, as on the other paths.
+            return native_linear("int8", self.act, self.in_features, {**self.kernel_tensors(), "bias": None},
+                                 x2.float().contiguous())
         rows = max(1, self.CHUNK // self.out_features)
         if x2.shape[0] > rows:  # e.g. a 49152-row lm_head over a long prompt: work in row blocks
             out = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype, device=x2.device)
@@ -161,20 +182,18 @@ class Int4Linear(nn.Module):
         self.register_buffer("code_sum", u.to(torch.int32).reshape(n, k // group, group).sum(-1, dtype=torch.int32))
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
 
+    def kernel_tensors(self) -> dict[str, torch.Tensor | None]:
+        """What `native_linear` reads (kind "int4")."""
+        return {"w": self.packed, "wz": self.weight_zero, "sum": self.code_sum, "sw": self.weight_scale,
+                "bias": self.bias}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kern = native.kernels()
+        native.kernels()  # built and registered on first use
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.hadamard:
             x2 = hadamard(x2)
-        x2 = x2.float().contiguous()
-        if self.act is None:
-            y = kern.int4_linear_float(x2, self.packed, self.weight_zero, self.weight_scale, self.bias, self.group)
-        else:
-            a = self.act
-            a_group = a.group_size if a.group_size not in (None, self.in_features) else self.in_features
-            y = kern.int4_linear_dynamic(x2, a.bits, a.symmetric, a.clip_ratio, a_group, self.packed, self.weight_zero,
-                                         self.code_sum, self.weight_scale, self.bias, self.group)
+        y = native_linear("int4", self.act, self.group, self.kernel_tensors(), x2.float().contiguous())
         y = y.reshape(*lead, self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
