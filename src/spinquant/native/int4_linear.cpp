@@ -99,13 +99,12 @@ inline void tile_dot(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ld
 }
 
 #if defined(__AVX2__)
-// The same sums over weights already unpacked to one code per byte (row stride K): the prefill path, where
-// every row of the prompt passes over the same weights. Up to four blocks' products add up in 16 bits before
-// one widening multiply-add (a maddubs pair is at most 2·255·15 = 7650, four of them 30600 < 2^15).
+// tile_dot's accumulators over weights already unpacked to one code per byte (row stride K): the prefill path,
+// where every row of the prompt passes over the same weights. Up to four blocks' products add up in 16 bits
+// before one widening multiply-add (a maddubs pair is at most 2·255·15 = 7650, four of them 30600 < 2^15).
 template <int MT, int NT>
-inline void tile_dot_unpacked(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0,
-                              int64_t b1, int32_t raw[MT][NT]) {
-  __m256i acc[MT][NT];
+inline void unpacked_acc(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0, int64_t b1,
+                         __m256i acc[MT][NT]) {
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -125,39 +124,39 @@ inline void tile_dot_unpacked(const uint8_t* x, int64_t ldx, const uint8_t* w, i
     for (int i = 0; i < MT; ++i)
       for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(s16[i][j], ones));
   }
+}
+
+template <int MT, int NT>
+inline void tile_dot_unpacked(const uint8_t* x, int64_t ldx, const uint8_t* w, int64_t ldw, int64_t b0,
+                              int64_t b1, int32_t raw[MT][NT]) {
+  __m256i acc[MT][NT];
+  unpacked_acc<MT, NT>(x, ldx, w, ldw, b0, b1, acc);
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NT; ++j) raw[i][j] = hsum(acc[i][j]);
 }
 
-// The eight sums of eight accumulators as one vector, in their order (three rounds of hadd instead of eight
+// The sums of a 4 x 2 tile's accumulators as one vector, row-major (three rounds of hadd instead of eight
 // separate reductions: at K = 576 those cost about as much as the tile's products).
-inline __m256i hsum8(const __m256i a[8]) {
-  const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
-  const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+inline __m256i hsum8(const __m256i a[4][2]) {
+  const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0][0], a[0][1]), _mm256_hadd_epi32(a[1][0], a[1][1]));
+  const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(a[2][0], a[2][1]), _mm256_hadd_epi32(a[3][0], a[3][1]));
   return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// Stores the row-major sums of a 4 x 2 tile into a strip of raw sums (row stride `width`) at column `col`.
+inline void store_sums_4x2(__m256i sums, int32_t* raw, int64_t width, int64_t col) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), sums);
+  for (int i = 0; i < 4; ++i) {
+    raw[i * width + col] = t[2 * i];
+    raw[i * width + col + 1] = t[2 * i + 1];
+  }
 }
 
 // A 4-row x 2-column tile over all K of unpacked weights (one group): its sums row-major in one vector.
 inline __m256i tile_sums_4x2(const uint8_t* x, int64_t K, const uint8_t* w) {
-  __m256i acc[8];
-  for (auto& a : acc) a = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t nb = K / kBlock;
-  for (int64_t b = 0; b < nb; b += 4) {
-    const int64_t e = std::min(b + 4, nb);
-    __m256i s16[8];
-    for (auto& v : s16) v = _mm256_setzero_si256();
-    for (int64_t bb = b; bb < e; ++bb) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + bb * kBlock));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + K + bb * kBlock));
-      for (int i = 0; i < 4; ++i) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K + bb * kBlock));
-        s16[2 * i] = _mm256_add_epi16(s16[2 * i], _mm256_maddubs_epi16(xv, w0));
-        s16[2 * i + 1] = _mm256_add_epi16(s16[2 * i + 1], _mm256_maddubs_epi16(xv, w1));
-      }
-    }
-    for (int t = 0; t < 8; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
-  }
+  __m256i acc[4][2];
+  unpacked_acc<4, 2>(x, K, w, K, 0, K / kBlock, acc);
   return hsum8(acc);
 }
 
@@ -250,14 +249,8 @@ void run_rows_unpacked(const Problem& p, int64_t m0, int64_t n_begin, int64_t n_
     // time, with the scalar epilogue's operations in its order (run_tile), so the same bits.
     const int64_t width = n_end - n_begin;
     int64_t n = n_begin;
-    for (; n + 2 <= n_end; n += 2) {
-      alignas(32) int32_t t[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(t), tile_sums_4x2(p.xu + m0 * p.K, p.K, wu + (n - n_begin) * p.K));
-      for (int i = 0; i < 4; ++i) {
-        raw[i * width + n - n_begin] = t[2 * i];
-        raw[i * width + n - n_begin + 1] = t[2 * i + 1];
-      }
-    }
+    for (; n + 2 <= n_end; n += 2)
+      store_sums_4x2(tile_sums_4x2(p.xu + m0 * p.K, p.K, wu + (n - n_begin) * p.K), raw, width, n - n_begin);
     if (n < n_end) {
       int32_t t[4][1];
       tile_dot_unpacked<4, 1>(p.xu + m0 * p.K, p.K, wu + (n - n_begin) * p.K, p.K, 0, p.K / kBlock, t);
@@ -498,12 +491,11 @@ at::Tensor int4_linear_float(at::Tensor x, at::Tensor w, at::Tensor wz, at::Tens
 
 namespace {
 
-// out[i][c] = Σ_k (xu[i][k] - 128) · w[c][k] for int8 weights, 32 at a time with the sign trick (|x| unsigned
-// × w signed by x), exact while no code is -128: |x| ≤ 128 and |w| ≤ 127 keep each pair below 2^15.
-template <int MT, int NT>
-inline void int8_tile(const uint8_t* xu, const int8_t* w, int64_t K, int32_t out[MT][NT]) {
+// Accumulators of Σ_k (xu[i][k] - 128) · w[c][k] for int8 weights, 32 at a time with the sign trick (|x|
+// unsigned × w signed by x), exact while no code is -128: |x| ≤ 128 and |w| ≤ 127 keep each pair below 2^15.
 #if defined(__AVX2__)
-  __m256i acc[MT][NT];
+template <int MT, int NT>
+inline void int8_acc(const uint8_t* xu, const int8_t* w, int64_t K, __m256i acc[MT][NT]) {
   for (int i = 0; i < MT; ++i)
     for (int c = 0; c < NT; ++c) acc[i][c] = _mm256_setzero_si256();
   const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
@@ -521,6 +513,15 @@ inline void int8_tile(const uint8_t* xu, const int8_t* w, int64_t K, int32_t out
       }
     }
   }
+}
+#endif
+
+// out[i][c] = the sums int8_acc accumulates.
+template <int MT, int NT>
+inline void int8_tile(const uint8_t* xu, const int8_t* w, int64_t K, int32_t out[MT][NT]) {
+#if defined(__AVX2__)
+  __m256i acc[MT][NT];
+  int8_acc<MT, NT>(xu, w, K, acc);
   for (int i = 0; i < MT; ++i)
     for (int c = 0; c < NT; ++c) out[i][c] = hsum(acc[i][c]);
 #else
@@ -553,19 +554,8 @@ inline void int8_block(const uint8_t* xp, const int32_t* xop, const int8_t* wp, 
 #if defined(__AVX2__)
 // Prefill: a 4-row x 2-column tile of Σ (xu - 128)·w (int8_tile's sign trick), row-major in one vector.
 inline __m256i int8_sums_4x2(const uint8_t* xu, int64_t K, const int8_t* w) {
-  __m256i acc[8];
-  for (auto& a : acc) a = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
-  for (int64_t k = 0; k < K; k += kBlock) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + K + k));
-    for (int i = 0; i < 4; ++i) {
-      const __m256i xs = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + i * K + k)), flip);
-      const __m256i ax = _mm256_sign_epi8(xs, xs);
-      acc[2 * i] = _mm256_add_epi32(acc[2 * i], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xs)), ones));
-      acc[2 * i + 1] = _mm256_add_epi32(acc[2 * i + 1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xs)), ones));
-    }
-  }
+  __m256i acc[4][2];
+  int8_acc<4, 2>(xu, w, K, acc);
   return hsum8(acc);
 }
 
@@ -576,14 +566,7 @@ void int8_rows4(const uint8_t* xp, const int32_t* xop, const int8_t* wp, const i
                 int64_t n1, int32_t* raw) {
   const int64_t width = n1 - n0;
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    alignas(32) int32_t t[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t), int8_sums_4x2(xp + m0 * K, K, wp + n * K));
-    for (int i = 0; i < 4; ++i) {
-      raw[i * width + n - n0] = t[2 * i];
-      raw[i * width + n - n0 + 1] = t[2 * i + 1];
-    }
-  }
+  for (; n + 2 <= n1; n += 2) store_sums_4x2(int8_sums_4x2(xp + m0 * K, K, wp + n * K), raw, width, n - n0);
   if (n < n1) {
     int32_t t[4][1];
     int8_tile<4, 1>(xp + m0 * K, wp + n * K, K, t);
