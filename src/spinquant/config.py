@@ -127,8 +127,8 @@ class RotationConfig:
 
 @dataclass(frozen=True)
 class QuantizedAs:
-    """What a model was quantized with, as the pipeline recorded it on the model (`quantized_as(cfg)`):
-    saving and exporting write these specs as they are, never re-inferred from the installed modules."""
+    """What a model was quantized with, as the pipeline recorded it on the model (`from_config`): saving
+    and exporting write these specs as they are, never re-inferred from the installed modules."""
 
     weight: QuantSpec
     act: QuantSpec
@@ -138,6 +138,18 @@ class QuantizedAs:
     rotation: RotationMode
     r3: bool  # online Hadamard on Q/K (with any rotation but none)
     r4: bool  # online Hadamard before down_proj
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> QuantizedAs:
+        """The record of a run's quantization (a copy: later edits of cfg do not change it); weights left
+        in float are recorded as the plain 16-bit spec."""
+        from copy import deepcopy
+
+        q, rot = deepcopy(cfg.quant), cfg.rotation
+        mode = RotationMode(rot.mode)
+        return cls(weight=q.weight if q.weight.enabled else QuantSpec(bits=16), act=q.act, key=q.key,
+                   value=q.value, weight_method=q.weight_method, rotation=mode, r3=mode.rotates and rot.r3,
+                   r4=mode.rotates and rot.r4)
 
 
 @dataclass
@@ -265,12 +277,3 @@ class RunConfig:
             return None
         return self.rotation.save_file or (f"{self.output.rstrip('/')}-rotation" if self.output else None)
 
-
-def quantized_as(cfg: RunConfig) -> QuantizedAs:
-    """The record of a run's quantization (a copy: later edits of cfg do not change it)."""
-    from copy import deepcopy
-
-    q, rot = deepcopy(cfg.quant), cfg.rotation
-    rotates = RotationMode(rot.mode) != RotationMode.NONE
-    return QuantizedAs(weight=q.weight, act=q.act, key=q.key, value=q.value, weight_method=q.weight_method,
-                       rotation=RotationMode(rot.mode), r3=rotates and rot.r3, r4=rotates and rot.r4)

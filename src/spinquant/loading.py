@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import pickle
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -81,7 +81,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     hf_logging.set_verbosity_error()  # GGUF loading is chatty; our own progress shows instead
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would bury a one-line error below it
     try:
-        with _gguf_parsed_once() if gguf_file else _nothing():
+        with _gguf_parsed_once() if gguf_file else nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **kwargs)
     except SpinQuantError:
@@ -136,11 +136,6 @@ def _gguf_parsed_once():
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _tied_head(model, key: str) -> bool:

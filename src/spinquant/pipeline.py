@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
-from .config import QuantSpec, RotationMode, RunConfig, quantized_as
+from .config import QuantizedAs, QuantSpec, RotationMode, RunConfig
 from .errors import SpinQuantError
 from .models import ModelParts, model_parts
 from .quant.install import install_modules, set_activation_quant
@@ -169,5 +169,5 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.
     apply_tables(parts, cfg.tables)
     model.spinquant_rotations = rotations
-    model.spinquant_quantized_as = quantized_as(cfg)  # what save and export write (runtime/checkpoint.py)
+    model.spinquant_quantized_as = QuantizedAs.from_config(cfg)  # what save and export write (runtime/checkpoint.py)
     return report

@@ -105,7 +105,7 @@ def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
     """Collect an in-memory model after `spinquant.quantize` (a plain float model works for GGUF too)."""
     from ..models import model_parts
     from ..quant.modules import QuantLinear
-    from ..runtime.checkpoint import quantized_as
+    from ..runtime.checkpoint import quantization_record
 
     if getattr(model, "spinquant_config", None) is not None and not hasattr(model, "spinquant_rotations"):
         raise SpinQuantError("this is a runtime model loaded from a saved folder; export the folder itself "
@@ -113,7 +113,7 @@ def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
     parts = model_parts(model)
     adapter = parts.adapter
     # A quantized model carries the record of how (checked against its modules); a float model exports as is.
-    record = quantized_as(model) if isinstance(parts.layers[0].linears()["q"], QuantLinear) else None
+    record = quantization_record(model) if isinstance(parts.layers[0].linears()["q"], QuantLinear) else None
     off = QuantSpec(bits=16)
     linears: dict[str, ExportLinear] = {}
     for layer in parts.layers:
@@ -125,7 +125,7 @@ def source_from_model(model: nn.Module, tokenizer: Any = None) -> ExportSource:
                 qt = _normalized(qt, w.shape)
             bias = lin.bias.detach().float().clone() if getattr(lin, "bias", None) is not None else None
             linears[path] = ExportLinear(w, qt, bias)
-    weight = record.weight if record is not None and record.weight.enabled else off
+    weight = record.weight if record is not None else off
     done = {f"{p}.{n}" for p in linears for n in ("weight", "bias")}
     tensors = {k: v.detach().float().clone() for k, v in model.state_dict().items() if k not in done}
     # A tied model keeps one table: give the head its own copy under its own name.

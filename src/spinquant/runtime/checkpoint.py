@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import QuantizedAs, QuantSpec, RunConfig
+from ..config import QuantizedAs, RunConfig
 from ..errors import SpinQuantError
 from ..io import atomic_path
 from ..models import model_parts
@@ -50,7 +50,7 @@ def _table(prefix: str, module: torch.nn.Module, storage: str, out: dict) -> Non
         out[f"{prefix}.weight"] = table.to(TABLE_STORAGE[storage]).contiguous()
 
 
-def quantized_as(model) -> QuantizedAs:
+def quantization_record(model) -> QuantizedAs:
     """What the pipeline recorded on `model` when it quantized it, checked against the installed modules
     (every linear quantized alike, the same online Hadamards): the specs a save writes."""
     done = getattr(model, "spinquant_quantized_as", None)
@@ -114,9 +114,8 @@ def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
 
 
 def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str) -> dict:
-    done = quantized_as(model)
-    weight = done.weight if done.weight.enabled else QuantSpec(bits=16)
-    act, key, value, r3, r4 = done.act, done.key, done.value, done.r3, done.r4
+    done = quantization_record(model)
+    weight, act, key, value, r3, r4 = done.weight, done.act, done.key, done.value, done.r3, done.r4
     parts = model_parts(model)
     rotation = done.rotation
     return {
