@@ -71,7 +71,7 @@ class CharTokenizer:
 def test_every_linear_quantized_on_the_grid(family: str) -> None:
     cfg = gptq_config()
     model, parts = rotated(family, cfg)
-    summary = quantize_weights_gptq(parts, cfg, calib_ids(4, 16), progress=False)
+    summary = quantize_weights_gptq(parts, cfg.quant.weight, cfg.gptq, calib_ids(4, 16), progress=False)
     assert summary["samples"] == 4 and summary["seq_len"] == 16 and summary["layers"] == len(parts.layers)
     assert summary["seconds"] > 0
     qmin, qmax = qrange(4, True)
@@ -97,7 +97,7 @@ def test_gptq_beats_rtn_on_logits(family: str) -> None:
     ref_model = tiny_model(family)
     rtn = copy.deepcopy(model)
     quantize_weights_rtn(model_parts(rtn), cfg.quant.weight, progress=False)
-    quantize_weights_gptq(parts, cfg, ids, progress=False)
+    quantize_weights_gptq(parts, cfg.quant.weight, cfg.gptq, ids, progress=False)
     with torch.no_grad():
         ref = ref_model(ids).logits
         err_gptq = (model(ids).logits - ref).pow(2).mean().item()
@@ -151,7 +151,7 @@ def test_groups_are_true_sequential(monkeypatch) -> None:
 
     real = driver.gptq_quantize
     monkeypatch.setattr(driver, "gptq_quantize", recording)
-    quantize_weights_gptq(parts, cfg, calib_ids(2, 8), progress=False)
+    quantize_weights_gptq(parts, cfg.quant.weight, cfg.gptq, calib_ids(2, 8), progress=False)
     roles = [r for group in driver.GROUPS for r in group]
     assert order == [(i, r) for i in range(len(parts.layers)) for r in roles]
     n = len(roles)
@@ -187,4 +187,4 @@ def test_bad_calibration_ids_are_refused(bad: torch.Tensor) -> None:
     cfg = gptq_config()
     _, parts = rotated("llama", cfg)
     with pytest.raises(SpinQuantError, match="calibration ids"):
-        quantize_weights_gptq(parts, cfg, bad, progress=False)
+        quantize_weights_gptq(parts, cfg.quant.weight, cfg.gptq, bad, progress=False)

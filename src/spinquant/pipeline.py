@@ -161,7 +161,8 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
             if calib_ids is None:
                 calib_ids = calibration_windows(cfg.gptq.calib_data, cfg, tokenizer, cfg.gptq.seq_len,
                                                 cfg.gptq.samples, "GPTQ calibration data")
-            report.gptq = quantize_weights_gptq(parts, cfg, calib_ids, progress=progress, stream=stream)
+            report.gptq = quantize_weights_gptq(parts, cfg.quant.weight, cfg.gptq, calib_ids, progress=progress,
+                                                stream=stream)
         else:
             quantize_weights_rtn(parts, cfg.quant.weight, progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t

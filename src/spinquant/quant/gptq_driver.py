@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import GPTQConfig, QuantSpec
 from ..errors import SpinQuantError
-from ..streaming import LayerStream, resolve_device
+from ..streaming import LayerStream
 from .gptq import HessianAccumulator, gptq_quantize
 
 if TYPE_CHECKING:
@@ -217,29 +217,29 @@ def _run_layer(
 @torch.no_grad()
 def quantize_weights_gptq(
     parts: ModelParts,
-    cfg: RunConfig,
+    spec: QuantSpec,
+    settings: GPTQConfig,
     calib: torch.Tensor,
     progress: bool = True,
     stream: LayerStream | None = None,
 ) -> dict:
-    """GPTQ every decoder linear of `parts`, layer by layer, in place: weight ← dequantized codes and
-    `linear.quantized` ← the codes, from the inputs that `calib` ([samples, seq_len] token ids, e.g.
-    pipeline.calibration_windows) produces.
-    Each layer visits the compute device (cfg.device) through `stream` and goes back where it lives.
+    """GPTQ every decoder linear of `parts` onto the grid `spec`, layer by layer, in place: weight ←
+    dequantized codes and `linear.quantized` ← the codes, from the inputs that `calib` ([samples, seq_len]
+    token ids, e.g. pipeline.calibration_windows) produces. `settings`: block size, damping, act-order.
+    Each layer visits the compute device through `stream` (default: where the model is) and goes back home.
 
     Returns {"seconds", "samples", "seq_len", "layers"}.
     """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    spec = cfg.quant.weight
     if not spec.enabled:
         raise SpinQuantError(
             "GPTQ needs weight bits below 16; use 16 bits without GPTQ to keep weights float"
         )
     ids = _check_calib(calib)
-    g = cfg.gptq
-    stream = stream or LayerStream(resolve_device(cfg.device))
+    g = settings
+    stream = stream or LayerStream(next(parts.model.parameters()).device)  # default: compute where the model is
     device = stream.device
     model = parts.model
     was_training = model.training
