@@ -184,10 +184,10 @@ def test_gguf_writes_llama_tensors_and_tokenizer(tmp_path):
     assert np.abs(dequant(ts["blk.0.attn_k.weight"]) - k).max() < 0.01 * np.abs(k).max()
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "F16"])
-def test_gguf_weight_types_keep_the_models_own_weights(tmp_path, kind):
-    """Symmetric W4 codes go into Q4_0 / Q8_0 blocks as they are: only the scale is rounded to float16."""
-    model, tok = quantized(r3=False, r4=False)
+@pytest.mark.parametrize("kind,bits", [("Q4_0", 4), ("Q5_0", 4), ("Q5_0", 5), ("Q8_0", 4), ("F16", 4)])
+def test_gguf_weight_types_keep_the_models_own_weights(tmp_path, kind, bits):
+    """Symmetric codes go into Q4_0 / Q5_0 / Q8_0 blocks as they are: only the scale is rounded to float16."""
+    model, tok = quantized(r3=False, r4=False, weight=QuantSpec(bits=bits, symmetric=True, clip_search=True))
     reader, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type=kind))
     assert ts["blk.0.ffn_up.weight"].tensor_type.name == kind
     assert ts["token_embd.weight"].tensor_type.name == ("F16" if kind == "F16" else "Q8_0")

@@ -32,7 +32,7 @@ class ExportRequest:
 
     format: str
     output: str
-    gguf_type: str = "Q8_0"  # GGUF: Q8_0, Q4_0 or F16
+    gguf_type: str = "Q8_0"  # GGUF: Q8_0, Q5_0, Q4_0 or F16
     dtype: str = "bfloat16"  # compressed-tensors: storage of scales and float tensors
     overwrite: bool = False
 

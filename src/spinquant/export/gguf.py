@@ -1,4 +1,4 @@
-"""Export as a GGUF file for llama.cpp: the R1/R2-merged float weights, re-quantized by gguf's Q8_0 / Q4_0.
+"""Export as a GGUF file for llama.cpp: the R1/R2-merged weights, as our own codes where they fit the type.
 
 llama.cpp runs an ordinary model: no online Hadamard on Q/K (R3) or before down_proj (R4). R1/R2 are merged
 into the weights and need nothing, so a model quantized with `--no-r3 --no-r4` exports exactly; one with R4
@@ -7,9 +7,10 @@ in the rotated basis, llama.cpp cannot keep.
 
 Weights: where a linear's own codes fit the GGUF type, they are written as they are: symmetric 4-bit codes
 per channel (or in groups of a multiple of 32) become Q4_0 blocks with the row's scale as the block scale
-(q = code + 8), and symmetric codes of up to 8 bits become Q8_0 blocks the same way. Only the scale is
+(q = code + 8), symmetric codes of up to 5 bits Q5_0 blocks (q = code + 16), and symmetric codes of up to 8
+bits Q8_0 blocks the same way. Only the scale is
 rounded (to float16), so llama.cpp computes with spinquant's weights. Anything else (asymmetric codes, float
-weights, other group sizes) is quantized again block-wise by gguf's Q8_0 / Q4_0 from the float weights the
+weights, other group sizes) is quantized again block-wise by gguf's quantizer of that type from the float weights the
 model computes with, which rounds twice. The embedding and output tables take Q8_0 (F16 for an F16 export),
 norms F32. Tokenizer metadata comes from the source GGUF when the model was
 loaded from one (the built-in SmolLM2 is), else from a byte-level BPE Hugging Face tokenizer.
@@ -31,7 +32,7 @@ from ..io import atomic_path, user_path
 from ..quant.quantizer import QuantizedTensor
 from .source import ExportSource, as_source
 
-WEIGHT_TYPES = ("Q8_0", "Q4_0", "F16")
+WEIGHT_TYPES = ("Q8_0", "Q5_0", "Q4_0", "F16")
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 ROLE_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
               "down": "ffn_down"}
@@ -219,31 +220,35 @@ def add_hf_tokenizer(w: Any, tokenizer: Any, n_vocab: int) -> None:
 # ---------------------------------------------------------------------------------------------- tensors
 
 
-QK = 32  # values per Q4_0 / Q8_0 block
+QK = 32  # values per Q4_0 / Q5_0 / Q8_0 block
+CODE_BITS = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}  # 32-value blocks of symmetric codes with one float16 scale
 
 
 def code_blocks(qt: QuantizedTensor, kind: str) -> np.ndarray | None:
-    """A linear's own integer codes as Q4_0 / Q8_0 blocks (uint8 [rows, bytes], gguf-py's layout), or None
-    when they do not fit that type exactly.
+    """A linear's own integer codes as Q4_0 / Q5_0 / Q8_0 blocks (uint8 [rows, bytes], gguf-py's layout), or
+    None when they do not fit that type exactly.
 
-    Q4_0 block: float16 d, then 16 bytes whose low nibbles hold values 0-15 and high nibbles values 16-31,
-    each stored as q + 8; value = (stored - 8)·d. Q8_0 block: float16 d, then 32 int8; value = q·d. With d the
-    codes' own scale, every stored value is the code itself.
+    Each block is a float16 d, then its 32 values. Q4_0: 16 bytes whose low nibbles hold values 0-15 and high
+    nibbles values 16-31, each stored as q + 8. Q5_0: 4 bytes holding bit 4 of every q + 16 (value i at bit
+    i, little-endian), then the low nibbles as Q4_0's. Q8_0: 32 int8. With d the codes' own scale, every
+    stored value is the code itself.
     """
     codes, scale = qt.codes, qt.scale  # normalized: int16 codes, scale [out, n_groups]
     rows, cols = codes.shape
-    limit = 4 if kind == "Q4_0" else 8
     per_group = cols // scale.shape[1]
-    if (kind not in ("Q4_0", "Q8_0") or not qt.symmetric or qt.bits > limit or cols % QK or per_group % QK
+    if (kind not in CODE_BITS or not qt.symmetric or qt.bits > CODE_BITS[kind] or cols % QK or per_group % QK
             or bool((qt.zero != 0).any())):
         return None
     d = scale.repeat_interleave(per_group // QK, dim=1).numpy().astype(np.float16)  # [rows, blocks]
     q = codes.numpy().reshape(rows, -1, QK)
-    if kind == "Q4_0":
-        stored = (q + 8).astype(np.uint8)
-        body = stored[..., : QK // 2] | (stored[..., QK // 2 :] << 4)
-    else:
+    if kind == "Q8_0":
         body = q.astype(np.int8).view(np.uint8)
+    else:
+        stored = (q + (1 << (CODE_BITS[kind] - 1))).astype(np.uint8)
+        body = (stored[..., : QK // 2] & 0x0F) | ((stored[..., QK // 2 :] & 0x0F) << 4)
+        if kind == "Q5_0":
+            high = np.packbits(stored >> 4, axis=-1, bitorder="little")  # [rows, blocks, 4]
+            body = np.concatenate([high, body], axis=-1)
     blocks = np.concatenate([d[..., None].view(np.uint8), body], axis=-1)  # d as 2 little-endian bytes
     return np.ascontiguousarray(blocks.reshape(rows, -1))
 
@@ -253,7 +258,7 @@ def _quantized(gguf: Any, array: np.ndarray, kind: str) -> tuple[np.ndarray, Any
     q = gguf.GGMLQuantizationType
     if kind == "F16" or array.shape[-1] % 32:
         return array.astype(np.float16), None
-    qtype = q.Q8_0 if kind == "Q8_0" else q.Q4_0
+    qtype = getattr(q, kind)
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
@@ -319,14 +324,14 @@ def _gguf_data(gguf: Any, src: ExportSource, weight_type: str) -> tuple[list[tup
     return out, all_codes
 
 
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "F16": "MOSTLY_F16"}
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "F16": "MOSTLY_F16"}
 
 
 def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, weight_type: str = "Q8_0",
                 overwrite: bool = False, tokenizer_gguf: str | Path | None = None) -> Path:
     """Write a model (in memory, or a folder from `quantize --output`) as a llama.cpp GGUF file.
 
-    weight_type: Q8_0, Q4_0 (gguf's block quantizers over the float weights) or F16. tokenizer_gguf: copy the
+    weight_type: Q8_0, Q5_0, Q4_0 (our codes where they fit, else gguf's block quantizers) or F16. tokenizer_gguf: copy the
     tokenizer metadata from this GGUF (default: the GGUF the model was loaded from, if any).
     """
     gguf = _gguf()
