@@ -1,92 +1,95 @@
-"""Perplexity of a model under several bit widths × rotations × weight quantizers, as one Markdown table.
+"""Perplexity of quantization recipes, each row given as `spinquant quantize` flags, on several texts.
 
-    python benchmarks/bench_accuracy.py --bits W4A4KV4,W4A8KV8,W4A16KV16 --rotations none,hadamard
-    python benchmarks/bench_accuracy.py --bits W4A16KV16 --rotations none,hadamard --weights rtn,gptq
+    python benchmarks/bench_accuracy.py --fp --row "--rotation none" --row "--rotation hadamard"
+    python benchmarks/bench_accuracy.py --row "--rotation hadamard --a-bits 16 --kv-bits 16 --weight-quant gptq" \
+        --eval wikitext2:16,c4:4 --json benchmarks/results/accuracy_gptq.json
 
-Loads the model once; each row quantizes a fresh copy. Rows print as they finish, so a long run shows
-progress; the table at the end is what goes into RESULTS.md.
+A row's flags go through the CLI's own parser (`cli.config_from_args`), so a row is exactly what
+`spinquant quantize <flags>` runs and the record keeps those flags. The model loads once; each row quantizes
+a fresh copy. Rows print as they finish; --json writes the record RESULTS.md is generated from.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import re
 import resource
+import shlex
 import time
+from pathlib import Path
 
 import torch
 
-from spinquant.api import eval_windows, method_config
-from spinquant.config import QuantConfig, QuantSpec, RunConfig
+from spinquant.cli import build_parser, config_from_args
+from spinquant.evaluation.data import load_text, tokenize_windows
 from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
 
 
-def parse_bits(label: str) -> tuple[int, int, int]:
-    m = re.fullmatch(r"W(\d+)A(\d+)KV(\d+)", label)
-    if not m:
-        raise SystemExit(f"bad bit label {label!r}; use e.g. W4A4KV4")
-    return tuple(int(x) for x in m.groups())
+def row_config(flags: str, model: str):
+    return config_from_args(build_parser().parse_args(["quantize", "--model", model, *shlex.split(flags)]))
+
+
+def parse_eval(spec: str) -> dict[str, int]:
+    """'wikitext2:16,c4:4' → {text: windows}."""
+    out = {}
+    for item in spec.split(","):
+        name, _, n = item.partition(":")
+        out[name] = int(n or 16)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--bits", default="W4A4KV4,W4A8KV8,W4A16KV16")
-    p.add_argument("--rotations", default="none,hadamard")
-    p.add_argument("--weights", default="rtn")
-    p.add_argument("--fp", action="store_true", help="add the FP row")
-    p.add_argument("--rotation-file", help="for --rotations learned: reuse these rotations")
-    p.add_argument("--eval-data", default="wikitext2")
-    p.add_argument("--calib-data", default="wikitext2-valid")
+    p.add_argument("--row", action="append", default=[], metavar="FLAGS",
+                   help="one recipe as `spinquant quantize` flags (repeat for more rows)")
+    p.add_argument("--fp", action="store_true", help="add the unquantized row")
+    p.add_argument("--eval", default="wikitext2:16", help="texts and window counts, e.g. wikitext2:16,c4:4")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--gptq-samples", type=int, default=128)
-    p.add_argument("--gptq-seq-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", type=Path, help="write the record here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    base_cfg = RunConfig(model=a.model)
-    base_cfg.eval.data, base_cfg.eval.seq_len, base_cfg.eval.max_windows = a.eval_data, a.seq_len, a.max_windows
-    base_cfg.train.calib_data = base_cfg.gptq.calib_data = a.calib_data
-    base_cfg.gptq.samples, base_cfg.gptq.seq_len = a.gptq_samples, a.gptq_seq_len
-    base_cfg.rotation.rotation_file = a.rotation_file
-
+    rows_cfg = [(flags, row_config(flags, a.model)) for flags in a.row]  # bad flags fail before the model loads
     model, tok = load_model(a.model)
-    windows = eval_windows(base_cfg, model, tok)
-    print(f"# {a.model}, {a.eval_data} {len(windows)}×{a.seq_len} tokens, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
+    texts = {name: tokenize_windows(load_text(name), tok, a.seq_len, n) for name, n in parse_eval(a.eval).items()}
+    print(f"# {a.model}, {', '.join(f'{k} {len(v)}×{a.seq_len}' for k, v in texts.items())}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
     rows = []
     if a.fp:
-        t = time.perf_counter()
-        rows.append(("FP", "-", "-", perplexity(model, windows, progress=False), 0.0))
+        rows.append({"flags": None, "label": "FP", "rotation": "-", "weights": "-",
+                     "ppl": {k: perplexity(model, w, progress=False) for k, w in texts.items()}})
         print(rows[-1], flush=True)
-    for label in a.bits.split(","):
-        w, act, kv = parse_bits(label)
-        for rotation in a.rotations.split(","):
-            for weights in a.weights.split(","):
-                cfg = method_config(base_cfg, "rtn" if rotation == "none" else rotation)
-                cfg.quant = QuantConfig(weight=QuantSpec(w, symmetric=True, clip_search=True),
-                                        act=QuantSpec(act, symmetric=False, clip_ratio=0.9),
-                                        key=QuantSpec(kv, symmetric=False, clip_ratio=0.95),
-                                        value=QuantSpec(kv, symmetric=False, clip_ratio=0.95),
-                                        weight_method=weights)
-                m = copy.deepcopy(model)
-                t = time.perf_counter()
-                quantize_model(m, cfg, tok, progress=False)
-                seconds = time.perf_counter() - t
-                rows.append((label, rotation, weights, perplexity(m, windows, progress=False), seconds))
-                print(rows[-1], flush=True)
-                del m
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB\n")
-    print("| bits | rotation | weights | perplexity | quantize s |")
-    print("|---|---|---|---|---|")
-    for label, rotation, weights, ppl, seconds in rows:
-        print(f"| {label} | {rotation} | {weights} | {ppl:.2f} | {seconds:.0f} |")
+    for flags, cfg in rows_cfg:
+        m = copy.deepcopy(model)
+        t = time.perf_counter()
+        report = quantize_model(m, cfg, tok, progress=False)
+        seconds = time.perf_counter() - t
+        rows.append({"flags": flags, "label": cfg.quant.label, "rotation": cfg.rotation.mode.value,
+                     "weights": cfg.quant.weight_method, "w_group": cfg.quant.weight.group_size,
+                     "tables": cfg.tables, "quantize_s": round(seconds, 1),
+                     "weights_s": round(report.seconds.get("weights", 0.0), 1),
+                     "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}})
+        print(rows[-1], flush=True)
+        del m
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    names = list(texts)
+    print(f"\npeak RSS {peak_gb:.1f} GB\n")
+    print("| flags | bits | " + " | ".join(names) + " | quantize s |")
+    print("|---|---|" + "---|" * len(names) + "---|")
+    for r in rows:
+        print(f"| {r['flags'] or 'FP'} | {r['label']} | " + " | ".join(f"{r['ppl'][k]:.2f}" for k in names)
+              + f" | {r.get('quantize_s', 0):.0f} |")
+    if a.json:
+        from record import write_record
+
+        write_record(a.json, model=a.model, threads=torch.get_num_threads(), seq_len=a.seq_len,
+                     eval_windows={k: len(v) for k, v in texts.items()}, peak_rss_gb=round(peak_gb, 2), rows=rows)
 
 
 if __name__ == "__main__":

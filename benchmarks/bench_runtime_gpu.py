@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (CPU runs only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the record (command, commit, machine, rows) here")
     a = p.parse_args(argv)
     device = pick_device(a.device)
     if a.threads:
@@ -210,11 +211,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     title = (f"Llama-3-8B-shaped ({a.layers} layers, hidden {a.hidden}, MLP {a.intermediate}, "
              f"{a.heads}/{a.kv_heads} heads, vocab {a.vocab}) on {device}"
              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    linears = []
     if not a.no_linears:
         t = Table(title=f"per linear — {title}")
         for col in ("linear", "M", "N×K", "bf16 µs", "int8 µs", "speedup"):
             t.add_column(col, justify="left" if col == "linear" else "right")
-        for r in bench_linears(config, device, [a.prefill, 1], a.repeats):
+        linears = bench_linears(config, device, [a.prefill, 1], a.repeats)
+        for r in linears:
             t.add_row(r["linear"], str(r["M"]), f"{r['N']}×{r['K']}", f"{r['bf16_us']:.1f}", f"{r['int8_us']:.1f}",
                       f"{r['speedup']:.2f}×")
         console.print(t)
@@ -231,6 +234,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}×" if ref else "-",
                   f"{r['weights_gib']:.2f}", f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-")
     console.print(t)
+    if a.json:
+        from record import write_record
+
+        write_record(a.json, device=str(device), threads=torch.get_num_threads(), rows=rows, linears=linears)
     return rows
 
 

@@ -28,7 +28,6 @@ the recomputation of gradient checkpointing are not counted, so they show up as 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="profile the last timed step of each variant and print its most expensive ops")
     p.add_argument("--recipe-steps", type=int, default=100)
-    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.add_argument("--json", type=Path, help="also write the record (command, commit, machine, results) here")
     a = p.parse_args(argv)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = sorted(set(a.variants) - set(VARIANTS))
@@ -327,7 +326,9 @@ def main(argv=None) -> int:
     r["wall_s"] = time.perf_counter() - start
     print_table(r, a.peak_tflops)
     if a.json:
-        print(json.dumps(r))
+        from record import write_record
+
+        write_record(a.json, **r)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -26,7 +27,10 @@ def write_record(path: Path, **figures) -> None:
     """Write `figures` under the run's command, git commit, date and machine to `path` (JSON)."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE,
                             check=False).stdout.strip()
-    record = {"command": " ".join(sys.argv), "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": machine(), **figures}
+    # Uncommitted edits to tracked files mean the commit alone does not say what ran.
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=HERE, check=False).stdout.strip())
+    record = {"command": shlex.join(sys.argv), "commit": commit, "dirty": dirty,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **figures}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")

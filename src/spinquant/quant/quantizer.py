@@ -247,7 +247,7 @@ def integer_order_linear(x: torch.Tensor, act: QuantSpec, w: QuantizedTensor,
     the runtime's int8 kernels; None where this layout is not covered (groups, float activations).
 
     The value is the fake-quant product's; only the float rounding differs, and that matters: at W4A4 a
-    1e-7 relative change moves a small model's perplexity by percents (benchmarks/RESULTS.md), so the
+    1e-7 relative change moves a small model's perplexity by percents (benchmarks/RESULTS.md, "Tried and dropped"), so the
     in-memory model evaluates in this order to report what the saved model computes. The code products are
     summed exactly: in float32 while every sum stays below 2^24, else in float64.
     """

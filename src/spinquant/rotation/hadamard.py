@@ -336,7 +336,7 @@ def hadamard_base(n: int) -> torch.Tensor:
 def online_hadamard(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal Hadamard transform over the last dim at run time (R3, R4): in the fake-quant model
     and in the packed runtime alike, so both round alike (at W4A4 a 1e-7 difference moves perplexity by
-    percents, benchmarks/RESULTS.md)."""
+    percents, benchmarks/RESULTS.md, "Tried and dropped")."""
     key = (x.shape[-1], x.dtype, x.device)
     plan = _PLANS.get(key)
     if plan is None:

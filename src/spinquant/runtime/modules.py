@@ -71,7 +71,7 @@ class IntLinear(nn.Module):
         self.register_buffer("weight_sum", wsum)
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
         # Per channel on the CPU: the native kernel, exact, and far faster than torch._int_mm on CPUs without
-        # AVX512-VNNI (benchmarks/RESULTS.md, "W4 kernels"); it needs no weight code at -128.
+        # AVX512-VNNI (benchmarks/RESULTS.md, "Tried and dropped"); it needs no weight code at -128.
         self.native = (not self.group and act.bits <= 8 and dtype == torch.float32 and k % 32 == 0
                        and (not n or int(weight_int.min()) > -128))
         if self.native:

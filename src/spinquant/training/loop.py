@@ -190,7 +190,7 @@ def training_weight_spec(cfg: RunConfig) -> QuantSpec:
     through min-max rounding lean on it and lose their gain once the clip search picks other ranges. GPTQ
     runs: weights left in float (the paper's "for GPTQ" mode), so the rotation serves the activations and KV
     and GPTQ is free to place the weights: on SmolLM2 W4A4KV4 that gave 37.47 against 40.51 with rotations
-    trained through the RTN grid and 39.13 with Hadamard (benchmarks/RESULTS.md, issue 4).
+    trained through the RTN grid and 39.13 with Hadamard (benchmarks/RESULTS.md, "Tried and dropped").
     `TrainConfig.for_gptq` overrides the choice."""
     for_gptq = cfg.train.for_gptq if cfg.train.for_gptq is not None else cfg.quant.weight_method == "gptq"
     if for_gptq or not cfg.quant.weight.enabled:
@@ -202,7 +202,7 @@ def training_act_ste(cfg: RunConfig) -> str:
     """The activation / KV quantizers' straight-through gradient during training: "identity" by default.
 
     With "clipped", values the grid clips (the outliers the rotation must spread) send no gradient. On
-    SmolLM2 W4A4KV4 (benchmarks/RESULTS.md, issues 3 and 4), "identity" trained better rotations in both
+    SmolLM2 W4A4KV4 (benchmarks/RESULTS.md, "Tried and dropped"), "identity" trained better rotations in both
     modes: RTN grid in the loop, WikiText-2 48.83 vs 54.91 and C4 59.06 vs 75.38; weights in float
     (for_gptq), a loss that fell (0.515 → 0.479 per-10-step mean) where "clipped" rose (0.548 → 1.302)."""
     return cfg.train.act_ste or "identity"
