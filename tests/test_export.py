@@ -15,6 +15,7 @@ from spinquant.export import export_compressed_tensors, export_gguf, export_rota
 from spinquant.export.gguf import permute_qk
 from spinquant.export.source import hadamard_pm1
 from spinquant.models import model_parts
+from spinquant.pipeline import quantize_model
 from spinquant.rotation.sets import load_rotations
 
 torch.set_num_threads(1)
@@ -347,3 +348,65 @@ def test_gguf_tokenizer_copy_through_from_the_builtin_smollm2(tmp_path):
     assert "tokenizer.ggml.merges" in keys and "tokenizer.chat_template" in keys
     for key in keys:
         assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+@pytest.mark.parametrize("rotation,tables", [("none", "int8"), ("none", "float32"), ("hadamard", "float32")])
+def test_gguf_keeps_one_table_for_a_tied_model_left_unrotated(tmp_path, rotation, tables):
+    """Unrotated, a tied head is the embedding: llama.cpp reads token_embd for both, as in its own files.
+    R1 (with the final norm folded into the head) makes the head another matrix, written as output.weight."""
+    model = tiny_model("llama-tied", vocab_size=260)
+    tok = bpe_tokenizer()
+    cfg = RunConfig()
+    cfg.rotation.mode, cfg.rotation.r3, cfg.rotation.r4, cfg.tables = rotation, False, False, tables
+    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
+    quantize(model, tok, cfg, progress=False)
+    _, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type="Q4_0", table_type="Q5_0"))
+    assert ts["token_embd.weight"].tensor_type.name == "Q5_0"
+    assert ("output.weight" in ts) == (rotation != "none")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_per_role_weight_bits_reach_the_codes_and_the_gguf_types(tmp_path, method):
+    """--w-bits 5 --w-bits-role down=4,v=8: each linear is rounded on its own role's grid, GGUF auto writes
+    each in the block type that holds its codes (Q5_0, Q4_0, Q8_0) unchanged, and the one-grid formats
+    refuse the model in one line."""
+    model = tiny_model("llama", vocab_size=260)
+    tok = bpe_tokenizer()
+    cfg = RunConfig()
+    cfg.rotation.mode, cfg.rotation.r3, cfg.rotation.r4, cfg.tables = "hadamard", False, False, "float32"
+    cfg.quant.weight = QuantSpec(bits=5, symmetric=True, group_size=32, clip_search=True)
+    cfg.quant.weight_role_bits = {"down": 4, "v": 8}
+    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
+    cfg.quant.weight_method = method
+    cfg.gptq.samples, cfg.gptq.seq_len = 2, 16
+    quantize_model(model, cfg, tok, progress=False, calib_ids=torch.randint(0, 260, (2, 16)))
+    layer = model_parts(model).layers[0]
+    assert {role: lin.quantized.bits for role, lin in layer.linears().items()} == {
+        "q": 5, "k": 5, "v": 8, "o": 5, "gate": 5, "up": 5, "down": 4}
+    _, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type="auto"))
+    types = {name: ts[f"blk.0.{name}.weight"].tensor_type.name for name in ("attn_q", "attn_v", "ffn_down")}
+    assert types == {"attn_q": "Q5_0", "attn_v": "Q8_0", "ffn_down": "Q4_0"}
+    for name, weight in (("attn_v", layer.v.weight), ("ffn_down", layer.down.weight), ("ffn_up", layer.up.weight)):
+        w = weight.detach().numpy()
+        assert np.abs(dequant(ts[f"blk.0.{name}.weight"]) - w).max() <= 1e-3 * np.abs(w).max(), name
+    with pytest.raises(SpinQuantError, match="GGUF only"):
+        spinquant_save(model, tok, tmp_path / "saved")
+    with pytest.raises(SpinQuantError, match="other bits per role"):
+        export_compressed_tensors(model, tok, tmp_path / "ct")
+
+
+def spinquant_save(model, tok, path):
+    from spinquant.runtime.checkpoint import save_quantized
+
+    return save_quantized(model, tok, None, path)
+
+
+def test_per_role_bits_are_checked_where_they_enter():
+    cfg = RunConfig()
+    cfg.quant.weight_role_bits = {"ffn": 4}
+    with pytest.raises(SpinQuantError, match="role 'ffn' is unknown"):
+        cfg.validate()
+    cfg.quant.weight_role_bits = {"down": 16}
+    with pytest.raises(SpinQuantError, match="per-role bits must be 2-8"):
+        cfg.validate()
+    assert main(["quantize", "--w-bits-role", "down4", "--no-eval"]) == 2

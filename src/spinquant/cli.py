@@ -55,6 +55,17 @@ def _bits(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bits must be an integer (2-8 or 16), got {text!r}") from None
 
 
+def _role_bits(text: str) -> dict[str, int]:
+    """'down=4,v=8' → {"down": 4, "v": 8}; roles and bits are checked with the rest of the config."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        role, sep, bits = item.partition("=")
+        if not sep or not bits.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r} is not ROLE=BITS (e.g. down=4)")
+        out[role.strip()] = int(bits)
+    return out
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -110,6 +121,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export", choices=FORMATS, help="also write the model in this format")
     g.add_argument("--export-output", type=_path, help="file (gguf, rotations) or folder (compressed-tensors) to write")
     g.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type")
+    g.add_argument("--gguf-tables", choices=[t for t in WEIGHT_TYPES if t != "auto"],
+                   help="GGUF embedding / output type (default Q8_0, F16 for an F16 export)")
     g.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
                    help="compressed-tensors: dtype of scales and float tensors")
 
@@ -124,8 +137,8 @@ def export_request(a: argparse.Namespace, fmt: str | None, output: str | None):
 
     if not output:
         raise SpinQuantError(f"--export {fmt} needs --export-output PATH")
-    return ExportRequest(format=fmt, output=output, gguf_type=a.gguf_type, dtype=a.export_dtype,
-                         overwrite=a.overwrite)
+    return ExportRequest(format=fmt, output=output, gguf_type=a.gguf_type, gguf_tables=a.gguf_tables,
+                         dtype=a.export_dtype, overwrite=a.overwrite)
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -136,6 +149,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-bits", type=_bits, default=q.key.bits, help="K and V cache bits (2-8, 16 = float)")
     g.add_argument("--k-bits", type=_bits, help="key cache bits (overrides --kv-bits)")
     g.add_argument("--v-bits", type=_bits, help="value cache bits (overrides --kv-bits)")
+    g.add_argument("--w-bits-role", type=_role_bits, default={}, metavar="ROLE=BITS[,...]",
+                   help="other weight bits for some linears, e.g. down=4,v=8 (roles: q, k, v, o, gate, up, down); "
+                        "saved as GGUF (--gguf-type auto)")
     g.add_argument("--w-group", type=int, help="weight group size (default: per output channel)")
     g.add_argument("--a-group", type=int, help="activation group size (default: per token)")
     g.add_argument("--w-asym", action="store_true", help="asymmetric weight grid")
@@ -201,7 +217,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         act=QuantSpec(a.a_bits, symmetric=a.a_sym, group_size=a.a_group, clip_ratio=a.a_clip),
         key=QuantSpec(a.kv_bits if a.k_bits is None else a.k_bits, symmetric=False, clip_ratio=a.kv_clip),
         value=QuantSpec(a.kv_bits if a.v_bits is None else a.v_bits, symmetric=False, clip_ratio=a.kv_clip),
-        weight_method=a.weight_quant,
+        weight_method=a.weight_quant, weight_role_bits=a.w_bits_role,
     )
     # compare picks each row's rotation from --methods; a --rotation-file there is the learned row's.
     mode = RotationMode.LEARNED if getattr(a, "methods", None) and a.rotation_file else a.rotation
@@ -301,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import DTYPE_CHOICES, WEIGHT_TYPES
 
     x.add_argument("--gguf-type", choices=WEIGHT_TYPES, default="Q8_0", help="GGUF weight type (default Q8_0)")
+    x.add_argument("--gguf-tables", choices=[t for t in WEIGHT_TYPES if t != "auto"],
+                   help="GGUF embedding / output type (default Q8_0, F16 for an F16 export)")
     x.add_argument("--export-dtype", choices=DTYPE_CHOICES, default="bfloat16",
                    help="compressed-tensors: dtype of scales and float tensors")
     x.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")

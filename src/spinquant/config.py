@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Literal
 
@@ -77,6 +77,14 @@ def _kv_spec() -> QuantSpec:
     return QuantSpec(bits=4, symmetric=False, clip_ratio=0.95)
 
 
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's linears, as the adapters name them
+
+
+def weight_specs(weight: QuantSpec, role_bits: dict[str, int]) -> dict[str, QuantSpec]:
+    """Every linear role's weight grid: `weight`, with the bits of the roles `role_bits` names replaced."""
+    return {role: replace(weight, bits=role_bits[role]) if role in role_bits else weight for role in LINEAR_ROLES}
+
+
 @dataclass
 class QuantConfig:
     """Weights, activations (input of every linear but lm_head), and the K / V cache."""
@@ -86,9 +94,19 @@ class QuantConfig:
     key: QuantSpec = field(default_factory=_kv_spec)
     value: QuantSpec = field(default_factory=_kv_spec)
     weight_method: WeightMethod = "rtn"
+    weight_role_bits: dict[str, int] = field(default_factory=dict)  # e.g. {"down": 4}: other bits for some roles
+
+    def weight_specs(self) -> dict[str, QuantSpec]:
+        return weight_specs(self.weight, self.weight_role_bits)
 
     def validate(self) -> None:
         self.weight.validate("weight")
+        for role, bits in self.weight_role_bits.items():
+            if role not in LINEAR_ROLES:
+                raise SpinQuantError(f"weight role {role!r} is unknown; use one of {', '.join(LINEAR_ROLES)}")
+            if not self.weight.enabled or not 2 <= bits <= 8:
+                raise SpinQuantError(f"{role} weight bits = {bits}: per-role bits must be 2-8, with --w-bits "
+                                     "below 16 as well")
         self.act.validate("activation")
         self.key.validate("key-cache")
         self.value.validate("value-cache")
@@ -138,6 +156,10 @@ class QuantizedAs:
     rotation: RotationMode
     r3: bool  # online Hadamard on Q/K (with any rotation but none)
     r4: bool  # online Hadamard before down_proj
+    weight_role_bits: tuple[tuple[str, int], ...] = ()  # roles whose weights have other bits than `weight`
+
+    def weight_specs(self) -> dict[str, QuantSpec]:
+        return weight_specs(self.weight, dict(self.weight_role_bits))
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> QuantizedAs:
@@ -149,7 +171,8 @@ class QuantizedAs:
         mode = RotationMode(rot.mode)
         return cls(weight=q.weight if q.weight.enabled else QuantSpec(bits=16), act=q.act, key=q.key,
                    value=q.value, weight_method=q.weight_method, rotation=mode, r3=mode.rotates and rot.r3,
-                   r4=mode.rotates and rot.r4)
+                   r4=mode.rotates and rot.r4,
+                   weight_role_bits=tuple(sorted(q.weight_role_bits.items())) if q.weight.enabled else ())
 
 
 @dataclass

@@ -53,7 +53,7 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
                     f"no Hadamard construction known for the {what} {n}; pass --no-r4/--no-r3"
                 )
     dims = (parts.hidden_size, parts.intermediate_size, parts.num_heads * parts.head_dim)  # linear input sizes
-    for what, spec in (("weight", cfg.quant.weight), ("activation", cfg.quant.act)):
+    for what, spec in (("weight", cfg.quant.weight), ("activation", cfg.quant.act)):  # roles share the group
         g = spec.group_size
         if spec.enabled and g is not None and any(d % g for d in dims):
             raise SpinQuantError(
@@ -63,15 +63,16 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
 
 
 @torch.no_grad()
-def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec, progress: bool = True,
+def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec | dict[str, QuantSpec], progress: bool = True,
                          stream: LayerStream | None = None) -> None:
+    """Round every decoder linear to its grid: `spec`, or {role: spec} (QuantConfig.weight_specs)."""
     from tqdm.auto import tqdm
 
     layers = tqdm(each_layer(parts, stream), total=len(parts.layers), desc="RTN weights",
                   disable=not progress or None, leave=False)
     for layer in layers:
-        for linear in layer.linears().values():
-            qt = quantize_weight(linear.weight.data, spec)
+        for role, linear in layer.linears().items():
+            qt = quantize_weight(linear.weight.data, spec[role] if isinstance(spec, dict) else spec)
             linear.weight.data = qt.dequantize(linear.weight.dtype)
             linear.quantized = qt.to(stream.home(layer)) if stream is not None else qt  # codes live with the model
 
@@ -161,10 +162,10 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
             if calib_ids is None:
                 calib_ids = calibration_windows(cfg.gptq.calib_data, cfg, tokenizer, cfg.gptq.seq_len,
                                                 cfg.gptq.samples, "GPTQ calibration data")
-            report.gptq = quantize_weights_gptq(parts, cfg.quant.weight, cfg.gptq, calib_ids, progress=progress,
-                                                stream=stream)
+            report.gptq = quantize_weights_gptq(parts, cfg.quant.weight_specs(), cfg.gptq, calib_ids,
+                                                progress=progress, stream=stream)
         else:
-            quantize_weights_rtn(parts, cfg.quant.weight, progress=progress, stream=stream)
+            quantize_weights_rtn(parts, cfg.quant.weight_specs(), progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t
     set_activation_quant(parts, cfg.quant)
     # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.

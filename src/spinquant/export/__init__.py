@@ -33,17 +33,18 @@ class ExportRequest:
     format: str
     output: str
     gguf_type: str = "Q8_0"  # GGUF: Q8_0, Q5_0, Q4_0 or F16
+    gguf_tables: str | None = None  # GGUF embedding / output type (default Q8_0; F16 for an F16 export)
     dtype: str = "bfloat16"  # compressed-tensors: storage of scales and float tensors
     overwrite: bool = False
 
 
 def export(model: Any, tokenizer: Any, fmt: str, out: str | Path, overwrite: bool = False,
-           gguf_type: str = "Q8_0", dtype: str = "bfloat16") -> Path:
+           gguf_type: str = "Q8_0", dtype: str = "bfloat16", gguf_tables: str | None = None) -> Path:
     """Dispatch on the format name. `model`: the in-memory quantized model or a `quantize --output` folder."""
     if fmt == "compressed-tensors":
         return export_compressed_tensors(model, tokenizer, out, dtype=dtype, overwrite=overwrite)
     if fmt == "gguf":
-        return export_gguf(model, tokenizer, out, weight_type=gguf_type, overwrite=overwrite)
+        return export_gguf(model, tokenizer, out, weight_type=gguf_type, overwrite=overwrite, table_type=gguf_tables)
     if fmt == "rotations":
         return export_rotations(model, out, overwrite=overwrite)
     raise SpinQuantError(f"export format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
@@ -55,7 +56,7 @@ def run_export(model: Any, tokenizer: Any, request: ExportRequest, verify: bool 
 
         model = source_from_checkpoint(model, verify=verify)
     return export(model, tokenizer, request.format, request.output, overwrite=request.overwrite,
-                  gguf_type=request.gguf_type, dtype=request.dtype)
+                  gguf_type=request.gguf_type, dtype=request.dtype, gguf_tables=request.gguf_tables)
 
 
 def check_request(request: ExportRequest, cfg: Any = None) -> None:

@@ -185,6 +185,9 @@ def export_compressed_tensors(model: Any, tokenizer: Any, out_dir: str | Path, d
     src = as_source(model, tokenizer)
     if not src.weight.enabled:
         raise SpinQuantError("the model's weights are not quantized; compressed-tensors export needs --w-bits 2-8")
+    if any(lin.quantized is not None and lin.quantized.bits != src.weight.bits for lin in src.linears.values()):
+        raise SpinQuantError("this export writes one weight scheme, and the model has other bits per role "
+                             "(--w-bits-role); export it as GGUF (--gguf-type auto) or quantize without per-role bits")
     qconfig = quantization_config(src)
     validate_config(qconfig)
     tensors = compressed_state_dict(src, DTYPES[dtype])

@@ -32,7 +32,7 @@ from ..io import atomic_path, user_path
 from ..quant.quantizer import QuantizedTensor
 from .source import ExportSource, as_source
 
-WEIGHT_TYPES = ("Q8_0", "Q5_0", "Q4_0", "F16")
+WEIGHT_TYPES = ("Q8_0", "Q5_0", "Q4_0", "F16", "auto")  # auto: each weight in the type that holds its own codes
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 ROLE_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
               "down": "ffn_down"}
@@ -253,6 +253,14 @@ def code_blocks(qt: QuantizedTensor, kind: str) -> np.ndarray | None:
     return np.ascontiguousarray(blocks.reshape(rows, -1))
 
 
+def fitting_type(qt: QuantizedTensor | None) -> str:
+    """The smallest 32-block type that holds these codes exactly (Q8_0 for anything else, quantized again)."""
+    for kind in ("Q4_0", "Q5_0", "Q8_0"):
+        if qt is not None and code_blocks(qt, kind) is not None:
+            return kind
+    return "Q8_0"
+
+
 def _quantized(gguf: Any, array: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
     """(data, raw ggml type) for a 2-D float array; rows not a multiple of 32 fall back to F16, as llama.cpp does."""
     q = gguf.GGMLQuantizationType
@@ -301,42 +309,54 @@ def gguf_tensors(src: ExportSource, weight_type: str) -> list[tuple[str, np.ndar
             if key in src.tensors:
                 add(f"blk.{i}.{name}.weight", src.tensors[key], "F32")
     add("output_norm.weight", src.tensor(a.final_norm), "F32")
-    add("output.weight", src.tensor(a.lm_head), "table")
+    head, embedding = src.tensor(a.lm_head), src.tensor(a.embedding)
+    # Tied and unrotated (an int8 table's head is embedding · M with M = I to float rounding): one table,
+    # which llama.cpp then reads for the output too, as in its own files.
+    if head.shape != embedding.shape or (head - embedding).abs().max() > 1e-6 * embedding.abs().max():
+        add("output.weight", head, "table")
     if f"{a.lm_head}.bias" in src.tensors:
         add("output.bias", src.tensors[f"{a.lm_head}.bias"], "F32")
     return out
 
 
-def _gguf_data(gguf: Any, src: ExportSource, weight_type: str) -> tuple[list[tuple[str, np.ndarray, Any]], bool]:
+def _gguf_data(gguf: Any, src: ExportSource, weight_type: str, table_type: str
+               ) -> tuple[list[tuple[str, np.ndarray, Any]], bool]:
     """(name, data, raw ggml type or None) per tensor, and whether every decoder weight kept its own codes."""
-    table_type = "F16" if weight_type == "F16" else "Q8_0"
     out, all_codes = [], weight_type != "F16"
     for name, array, storage, codes in gguf_tensors(src, weight_type):
         if storage == "F32":
             out.append((name, array.astype(np.float32), None))
             continue
-        blocks = code_blocks(codes, weight_type) if codes is not None else None  # None for F16
+        kind = fitting_type(codes) if weight_type == "auto" and storage == "weight" else weight_type
+        blocks = code_blocks(codes, kind) if codes is not None else None  # None for F16
         if blocks is not None:
-            out.append((name, blocks, getattr(gguf.GGMLQuantizationType, weight_type)))
+            out.append((name, blocks, getattr(gguf.GGMLQuantizationType, kind)))
             continue
         all_codes = all_codes and storage != "weight"
-        out.append((name, *_quantized(gguf, array, table_type if storage == "table" else weight_type)))
+        out.append((name, *_quantized(gguf, array, table_type if storage == "table" else kind)))
     return out, all_codes
 
 
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "F16": "MOSTLY_F16"}
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "F16": "MOSTLY_F16",
+              "auto": "MOSTLY_Q4_0"}  # a mixed file names its main type, as llama.cpp's _M files do
 
 
 def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, weight_type: str = "Q8_0",
-                overwrite: bool = False, tokenizer_gguf: str | Path | None = None) -> Path:
+                overwrite: bool = False, tokenizer_gguf: str | Path | None = None,
+                table_type: str | None = None) -> Path:
     """Write a model (in memory, or a folder from `quantize --output`) as a llama.cpp GGUF file.
 
-    weight_type: Q8_0, Q5_0, Q4_0 (our codes where they fit, else gguf's block quantizers) or F16. tokenizer_gguf: copy the
-    tokenizer metadata from this GGUF (default: the GGUF the model was loaded from, if any).
+    weight_type: Q8_0, Q5_0, Q4_0 (our codes where they fit, else gguf's block quantizers), F16, or auto (each
+    weight in the smallest of Q4_0 / Q5_0 / Q8_0 that holds its codes: for per-role bits, --w-bits-role).
+    table_type: the embedding and output tables' type (default Q8_0, F16 for an F16 export); a head equal to
+    the embedding (a tied model left unrotated) is not written, so llama.cpp keeps one table.
+    tokenizer_gguf: copy the tokenizer metadata from this GGUF (default: the GGUF the model came from, if any).
     """
     gguf = _gguf()
-    if weight_type not in WEIGHT_TYPES:
-        raise SpinQuantError(f"GGUF weight type {weight_type!r} is unknown; use one of {', '.join(WEIGHT_TYPES)}")
+    table_type = table_type or ("F16" if weight_type == "F16" else "Q8_0")
+    for what, kind in (("weight", weight_type), ("table", table_type)):
+        if kind not in WEIGHT_TYPES or (what == "table" and kind == "auto"):
+            raise SpinQuantError(f"GGUF {what} type {kind!r} is unknown; use one of {', '.join(WEIGHT_TYPES)}")
     src = as_source(model, tokenizer)
     arch = check_exportable(src)
     n_vocab = int(src.tensor(src.adapter.embedding).shape[0])
@@ -351,7 +371,7 @@ def export_gguf(model: Any, tokenizer: Any, out_path: str | Path, weight_type: s
         w.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[weight_type])))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("spinquant.rotation", src.rotation)
-        tensors, from_codes = _gguf_data(gguf, src, weight_type)
+        tensors, from_codes = _gguf_data(gguf, src, weight_type, table_type)
         s = src.weight
         how = "codes written as they are" if from_codes else "re-quantized"
         w.add_string("spinquant.source_weights", "float" if not s.enabled else

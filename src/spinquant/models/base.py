@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..config import LINEAR_ROLES
+
 
 @dataclass(frozen=True)
 class LayerMap:
@@ -77,7 +79,7 @@ class LayerParts:
     up = property(lambda self: self.get("up"))
     down = property(lambda self: self.get("down"))
 
-    LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+    LINEAR_ROLES = LINEAR_ROLES
 
     def linears(self) -> dict[str, nn.Module]:
         return {role: self.get(role) for role in self.LINEAR_ROLES}

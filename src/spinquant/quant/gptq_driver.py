@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import GPTQConfig, QuantSpec
+from ..config import LINEAR_ROLES, GPTQConfig, QuantSpec
 from ..errors import SpinQuantError
 from ..streaming import LayerStream
 from .gptq import HessianAccumulator, gptq_quantize
@@ -217,13 +217,13 @@ def _run_layer(
 @torch.no_grad()
 def quantize_weights_gptq(
     parts: ModelParts,
-    spec: QuantSpec,
+    spec: QuantSpec | dict[str, QuantSpec],
     settings: GPTQConfig,
     calib: torch.Tensor,
     progress: bool = True,
     stream: LayerStream | None = None,
 ) -> dict:
-    """GPTQ every decoder linear of `parts` onto the grid `spec`, layer by layer, in place: weight ←
+    """GPTQ every decoder linear of `parts` onto its grid (`spec`, or {role: spec}), layer by layer, in place: weight ←
     dequantized codes and `linear.quantized` ← the codes, from the inputs that `calib` ([samples, seq_len]
     token ids, e.g. pipeline.calibration_windows) produces. `settings`: block size, damping, act-order.
     Each layer visits the compute device through `stream` (default: where the model is) and goes back home.
@@ -233,7 +233,8 @@ def quantize_weights_gptq(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    if not spec.enabled:
+    specs = spec if isinstance(spec, dict) else dict.fromkeys(LINEAR_ROLES, spec)
+    if not all(s.enabled for s in specs.values()):
         raise SpinQuantError(
             "GPTQ needs weight bits below 16; use 16 bits without GPTQ to keep weights float"
         )
@@ -264,7 +265,7 @@ def quantize_weights_gptq(
                             qt = gptq_quantize(
                                 linear.weight.data,
                                 hessians.hessian(role),
-                                spec,
+                                specs[role],
                                 block_size=g.block_size,
                                 damp=g.damp,
                                 act_order=g.act_order,

@@ -52,18 +52,19 @@ def _table(prefix: str, module: torch.nn.Module, storage: str, out: dict) -> Non
 
 def quantization_record(model) -> QuantizedAs:
     """What the pipeline recorded on `model` when it quantized it, checked against the installed modules
-    (every linear quantized alike, the same online Hadamards): the specs a save writes."""
+    (every linear on its role's grid, the same online Hadamards): the specs a save writes."""
     done = getattr(model, "spinquant_quantized_as", None)
     parts = model_parts(model)
     linears = [lin for layer in parts.layers for lin in layer.linears().values()]
     if done is None or not linears or not all(isinstance(lin, QuantLinear) for lin in linears):
         raise SpinQuantError("the model was not quantized by spinquant.quantize (no record of it on the model); "
                              "run spinquant.quantize first")
-    w = done.weight if done.weight.enabled else None
+    specs = done.weight_specs() if done.weight.enabled else None
+    by_role = [(role, lin) for layer in parts.layers for role, lin in layer.linears().items()]
     kv = getattr(parts.layers[0].attention, "kv_quant", None)
-    installed_ok = (all((lin.quantized is None) == (w is None) for lin in linears)
-                    and all(lin.quantized.bits == w.bits and lin.quantized.symmetric == w.symmetric
-                            for lin in linears if w is not None)
+    installed_ok = (all((lin.quantized is None) == (specs is None) for lin in linears)
+                    and all(lin.quantized.bits == specs[role].bits and lin.quantized.symmetric == specs[role].symmetric
+                            for role, lin in by_role if specs is not None)
                     and all(lin.act_quant.spec == done.act for lin in linears)
                     and bool(kv is not None and kv.rotate_qk) == done.r3
                     and all((layer.down.input_transform is not None) == done.r4 for layer in parts.layers))
@@ -115,6 +116,9 @@ def collect_tensors(model, embedding: str = "int8", lm_head: str = "int8",
 
 def spinquant_section(model, cfg: RunConfig | None, embedding: str, lm_head: str) -> dict:
     done = quantization_record(model)
+    if done.weight_role_bits:
+        raise SpinQuantError("weights with other bits per role (--w-bits-role) are saved as GGUF only: use "
+                             "--export gguf --gguf-type auto; the packed folder format holds one weight grid")
     weight, act, key, value, r3, r4 = done.weight, done.act, done.key, done.value, done.r3, done.r4
     parts = model_parts(model)
     rotation = done.rotation
