@@ -284,9 +284,32 @@ def exports_section() -> str:
         provenance(rec) + " Our files are larger than llama.cpp's Q4_0 because with R1 and the final norm "
         "merged, lm_head is no longer the embedding: two Q8_0 tables.",
         "",
+        *([gguf_vs_imatrix(), ""] if (RESULTS_DIR / "gguf_vs_llama_cpp.json").exists() else []),
         ("compressed-tensors: checked by `tests/test_export.py` on tiny models of every family (the library's "
         "decompressor gives our dequantized weights exactly; transformers matches our W4A16 logits once R4 is "
         "applied from the transform config)."),
+    ])
+
+
+def gguf_vs_imatrix() -> str:
+    """Our GGUF files against llama.cpp's own quants made with an importance matrix (issue 17)."""
+    recs = [load(name) for name in ("gguf_vs_llama_cpp", "gguf_spinquant")
+            if (RESULTS_DIR / f"{name}.json").exists()]
+    texts = list(recs[0]["chunks"])
+    rows = [r for rec in recs for r in rec["rows"]]
+    return "\n".join([
+        "### GGUF against llama.cpp's imatrix quants",
+        "",
+        table(["file", "MiB", "bits/weight", *(f"{t} ({recs[0]['chunks'][t]} × {recs[0]['ctx']})" for t in texts),
+               "prefill tok/s", "decode tok/s"],
+              [[r["label"], f"{r['file_mib']:.1f}", f"{r['bits_per_weight']:.2f}",
+                *(f2(r["llama_ppl"].get(t)) for t in texts), f"{r['prefill_tok_s']:.0f}",
+                f"{r['decode_tok_s']:.1f}"] for r in rows]),
+        "",
+        ("llama.cpp's perplexity (second half of each chunk scored); bits/weight over every tensor of the file. "
+        f"The importance matrix: {recs[0]['imatrix_chunks']} chunks of `{recs[0]['imatrix']}`, the text our "
+        "GPTQ calibrates on. Speeds from these runs are not comparable: other jobs shared the 2 cores."),
+        *(f"- {provenance(rec)}" for rec in recs),
     ])
 
 
