@@ -306,10 +306,12 @@ def gguf_vs_imatrix() -> str:
                 *(f2(r["llama_ppl"].get(t)) for t in texts), f"{r['prefill_tok_s']:.0f}",
                 f"{r['decode_tok_s']:.1f}"] for r in rows]),
         "",
-        ("llama.cpp's perplexity (second half of each chunk scored); bits/weight over every tensor of the file. "
+        ("llama.cpp's perplexity (second half of each chunk scored). bits/weight: the file's bits over the weights it "
+         "holds, and a file with its own output table holds 28M more; compare MiB. "
         f"The importance matrix: {recs[0]['imatrix_chunks']} chunks of `{recs[0]['imatrix']}`, the text our "
         "GPTQ calibrates on. Speeds from these runs are not comparable: other jobs shared the 2 cores."),
         *(f"- {provenance(rec)}" for rec in recs),
+        *(f"- {r['label']}: `{r['made_with']}`" for r in rows if r.get("made_with")),
     ])
 
 
