@@ -69,14 +69,14 @@ def provenance(rec: dict) -> str:
 
 # --- accuracy ---------------------------------------------------------------------------------------------
 
-def accuracy_rows() -> tuple[float, list[dict]]:
-    """(FP WikiText-2 perplexity, every quantized recipe's row), each row tagged with its record."""
-    rows, fp = [], None
+def accuracy_rows() -> tuple[dict[str, float], list[dict]]:
+    """(FP perplexity per text, every quantized recipe's row), each row tagged with its record."""
+    rows, fp = [], {}
     for name in ("accuracy_rtn", "accuracy_learned", "gptq"):
         rec = load(name)
         for r in rec["rows"]:
             if r["label"] == "FP":
-                fp = r["ppl"]["wikitext2"]
+                fp = r["ppl"]
                 continue
             label = r["label"].removesuffix("KV16")  # KV left in float: the name says A16 alone
             rows.append({**r, "label": label, "record": name, "tables": r.get("tables", "float32")})
@@ -90,14 +90,14 @@ def accuracy_rows() -> tuple[float, list[dict]]:
     return fp, rows
 
 
-def accuracy_table(fp: float, rows: list[dict], with_record: bool = True) -> str:
+def accuracy_table(fp: dict[str, float], rows: list[dict], with_record: bool = True) -> str:
     head = ["bits", "rotation", "weights", "WikiText-2", "vs FP", "C4 (4 windows)", "tables"]
-    fp_c4 = next(r["ppl"].get("c4") for r in load("accuracy_rtn")["rows"] if r["label"] == "FP")
-    out = [["FP", "–", "–", f2(fp), "1.00×", f2(fp_c4), "–"] + (["accuracy_rtn"] if with_record else [])]
+    out = [["FP", "–", "–", f2(fp["wikitext2"]), "1.00×", f2(fp.get("c4")), "–"]
+           + (["accuracy_rtn"] if with_record else [])]
     for r in rows:
         weights = r["weights"] + (f", groups of {r['w_group']}" if r.get("w_group") else "")
         wiki = r["ppl"].get("wikitext2")
-        out.append([r["label"], r["rotation"], weights, f2(wiki), ratio(wiki, fp), f2(r["ppl"].get("c4")),
+        out.append([r["label"], r["rotation"], weights, f2(wiki), ratio(wiki, fp["wikitext2"]), f2(r["ppl"].get("c4")),
                     r["tables"]] + ([r["record"]] if with_record else []))
     return table(head + (["record"] if with_record else []), out)
 
@@ -105,7 +105,7 @@ def accuracy_table(fp: float, rows: list[dict], with_record: bool = True) -> str
 def accuracy_section() -> str:
     fp, rows = accuracy_rows()
     rtn, learned, gptq = load("accuracy_rtn"), load("accuracy_learned"), load("gptq")
-    fp_c4 = next(r["ppl"].get("c4") for r in rtn["rows"] if r["label"] == "FP")
+    fp_c4 = fp["c4"]
     training = load("learned_training")
     zs, abl, ref = load("zero_shot_w4a4kv4"), load("ablation_w4a4kv4"), load("reference_tools")
     tasks = ("piqa", "arc_easy", "hellaswag")
@@ -114,7 +114,7 @@ def accuracy_section() -> str:
         had = next(r for r in rows if (r["label"], r["rotation"], r["weights"]) == (label, "hadamard", "rtn"))
         lrn = next(r for r in rows if (r["label"], r["rotation"], r["weights"]) == (label, "learned", "rtn"))
         gap[label] = {t: (had["ppl"][t] - lrn["ppl"][t]) / (had["ppl"][t] - ref_fp)
-                      for t, ref_fp in (("wikitext2", fp), ("c4", fp_c4)) if lrn["ppl"].get(t) and had["ppl"].get(t)}
+                      for t, ref_fp in fp.items() if lrn["ppl"].get(t) and had["ppl"].get(t)}
     learned_w4a4 = next(r for r in rows if (r["label"], r["rotation"], r["weights"]) == ("W4A4KV4", "learned", "rtn"))
     parts = [
         "## Accuracy",
@@ -284,7 +284,8 @@ def exports_section() -> str:
         provenance(rec) + " Our files are larger than llama.cpp's Q4_0 because with R1 and the final norm "
         "merged, lm_head is no longer the embedding: two Q8_0 tables.",
         "",
-        *([gguf_vs_imatrix(), ""] if (RESULTS_DIR / "gguf_vs_llama_cpp.json").exists() else []),
+        gguf_vs_imatrix(),
+        "",
         ("compressed-tensors: checked by `tests/test_export.py` on tiny models of every family (the library's "
         "decompressor gives our dequantized weights exactly; transformers matches our W4A16 logits once R4 is "
         "applied from the transform config)."),
@@ -293,8 +294,7 @@ def exports_section() -> str:
 
 def gguf_vs_imatrix() -> str:
     """Our GGUF files against llama.cpp's own quants made with an importance matrix (issue 17)."""
-    recs = [load(name) for name in ("gguf_vs_llama_cpp", "gguf_spinquant")
-            if (RESULTS_DIR / f"{name}.json").exists()]
+    recs = [load("gguf_vs_llama_cpp"), load("gguf_spinquant")]
     texts = list(recs[0]["chunks"])
     rows = [r for rec in recs for r in rec["rows"]]
     return "\n".join([

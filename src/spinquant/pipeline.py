@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
-from .config import QuantizedAs, QuantSpec, RotationMode, RunConfig
+from .config import QuantizedAs, QuantSpec, RotationMode, RunConfig, weight_specs
 from .errors import SpinQuantError
 from .models import ModelParts, model_parts
 from .quant.install import install_modules, set_activation_quant
@@ -70,9 +70,10 @@ def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec | dict[str, QuantSpe
 
     layers = tqdm(each_layer(parts, stream), total=len(parts.layers), desc="RTN weights",
                   disable=not progress or None, leave=False)
+    specs = spec if isinstance(spec, dict) else weight_specs(spec, {})
     for layer in layers:
         for role, linear in layer.linears().items():
-            qt = quantize_weight(linear.weight.data, spec[role] if isinstance(spec, dict) else spec)
+            qt = quantize_weight(linear.weight.data, specs[role])
             linear.weight.data = qt.dequantize(linear.weight.dtype)
             linear.quantized = qt.to(stream.home(layer)) if stream is not None else qt  # codes live with the model
 

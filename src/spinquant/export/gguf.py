@@ -221,7 +221,15 @@ def add_hf_tokenizer(w: Any, tokenizer: Any, n_vocab: int) -> None:
 
 
 QK = 32  # values per Q4_0 / Q5_0 / Q8_0 block
-CODE_BITS = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}  # 32-value blocks of symmetric codes with one float16 scale
+CODE_BITS = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}  # 32-value blocks of symmetric codes, one float16 scale; smallest first
+
+
+def codes_fit(qt: QuantizedTensor, kind: str) -> bool:
+    """Whether a linear's own codes are exactly blocks of `kind`: symmetric, no wider than the type, and
+    groups (or rows) a whole number of 32-value blocks."""
+    cols = qt.codes.shape[1]
+    return (kind in CODE_BITS and qt.symmetric and qt.bits <= CODE_BITS[kind] and cols % QK == 0
+            and (cols // qt.scale.shape[1]) % QK == 0 and not bool((qt.zero != 0).any()))
 
 
 def code_blocks(qt: QuantizedTensor, kind: str) -> np.ndarray | None:
@@ -233,12 +241,11 @@ def code_blocks(qt: QuantizedTensor, kind: str) -> np.ndarray | None:
     i, little-endian), then the low nibbles as Q4_0's. Q8_0: 32 int8. With d the codes' own scale, every
     stored value is the code itself.
     """
+    if not codes_fit(qt, kind):
+        return None
     codes, scale = qt.codes, qt.scale  # normalized: int16 codes, scale [out, n_groups]
     rows, cols = codes.shape
     per_group = cols // scale.shape[1]
-    if (kind not in CODE_BITS or not qt.symmetric or qt.bits > CODE_BITS[kind] or cols % QK or per_group % QK
-            or bool((qt.zero != 0).any())):
-        return None
     d = scale.repeat_interleave(per_group // QK, dim=1).numpy().astype(np.float16)  # [rows, blocks]
     q = codes.numpy().reshape(rows, -1, QK)
     if kind == "Q8_0":
@@ -255,10 +262,7 @@ def code_blocks(qt: QuantizedTensor, kind: str) -> np.ndarray | None:
 
 def fitting_type(qt: QuantizedTensor | None) -> str:
     """The smallest 32-block type that holds these codes exactly (Q8_0 for anything else, quantized again)."""
-    for kind in ("Q4_0", "Q5_0", "Q8_0"):
-        if qt is not None and code_blocks(qt, kind) is not None:
-            return kind
-    return "Q8_0"
+    return next((kind for kind in CODE_BITS if qt is not None and codes_fit(qt, kind)), "Q8_0")
 
 
 def _quantized(gguf: Any, array: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import LINEAR_ROLES, GPTQConfig, QuantSpec
+from ..config import GPTQConfig, QuantSpec, weight_specs
 from ..errors import SpinQuantError
 from ..streaming import LayerStream
 from .gptq import HessianAccumulator, gptq_quantize
@@ -233,13 +233,12 @@ def quantize_weights_gptq(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    specs = spec if isinstance(spec, dict) else dict.fromkeys(LINEAR_ROLES, spec)
+    specs = spec if isinstance(spec, dict) else weight_specs(spec, {})
     if not all(s.enabled for s in specs.values()):
         raise SpinQuantError(
             "GPTQ needs weight bits below 16; use 16 bits without GPTQ to keep weights float"
         )
     ids = _check_calib(calib)
-    g = settings
     stream = stream or LayerStream(next(parts.model.parameters()).device)  # default: compute where the model is
     device = stream.device
     model = parts.model
@@ -266,9 +265,9 @@ def quantize_weights_gptq(
                                 linear.weight.data,
                                 hessians.hessian(role),
                                 specs[role],
-                                block_size=g.block_size,
-                                damp=g.damp,
-                                act_order=g.act_order,
+                                block_size=settings.block_size,
+                                damp=settings.damp,
+                                act_order=settings.act_order,
                             )
                             linear.weight.data = qt.dequantize(linear.weight.dtype)
                             linear.quantized = qt.to(home)

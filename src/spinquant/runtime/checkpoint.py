@@ -55,12 +55,12 @@ def quantization_record(model) -> QuantizedAs:
     (every linear on its role's grid, the same online Hadamards): the specs a save writes."""
     done = getattr(model, "spinquant_quantized_as", None)
     parts = model_parts(model)
-    linears = [lin for layer in parts.layers for lin in layer.linears().values()]
+    by_role = [(role, lin) for layer in parts.layers for role, lin in layer.linears().items()]
+    linears = [lin for _, lin in by_role]
     if done is None or not linears or not all(isinstance(lin, QuantLinear) for lin in linears):
         raise SpinQuantError("the model was not quantized by spinquant.quantize (no record of it on the model); "
                              "run spinquant.quantize first")
     specs = done.weight_specs() if done.weight.enabled else None
-    by_role = [(role, lin) for layer in parts.layers for role, lin in layer.linears().items()]
     kv = getattr(parts.layers[0].attention, "kv_quant", None)
     installed_ok = (all((lin.quantized is None) == (specs is None) for lin in linears)
                     and all(lin.quantized.bits == specs[role].bits and lin.quantized.symmetric == specs[role].symmetric
