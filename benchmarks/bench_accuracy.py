@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from spinquant.cli import build_parser, config_from_args
+from spinquant.cli import config_from_args, parse_args
 from spinquant.evaluation.data import load_text, tokenize_windows
 from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
@@ -28,7 +28,7 @@ from spinquant.pipeline import quantize_model
 
 
 def row_config(flags: str, model: str):
-    return config_from_args(build_parser().parse_args(["quantize", "--model", model, *shlex.split(flags)]))
+    return config_from_args(parse_args(["quantize", "--model", model, *shlex.split(flags)]))
 
 
 def parse_eval(spec: str) -> dict[str, int]:

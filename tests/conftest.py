@@ -65,6 +65,21 @@ def byte_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+def bpe_tokenizer():
+    """Byte-level BPE with two merges (llama.cpp needs merges) and BOS/EOS: 260 tokens, like the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
 def save_tiny(path: Path, family: str = "llama", **overrides) -> Path:
     """A tiny random model + byte tokenizer saved as a Hugging Face folder (what users pass to --model)."""
     model = tiny_model(family, vocab_size=260, **overrides)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import transformers
-from conftest import byte_tokenizer, save_tiny
+from conftest import bpe_tokenizer, byte_tokenizer, save_tiny
 
 from spinquant.cli import main
 from spinquant.config import RunConfig
@@ -136,6 +136,33 @@ def test_tables_flag_sets_embedding_storage(tiny_dir, files, capsys, tmp_path):
         assert tables and all(f.get_tensor(k).dtype in (torch.float16, torch.float32) for k in tables)
         assert any(f.get_tensor(k).dtype == torch.float16 for k in tables)
         assert not any(k.endswith(".qweight") for k in tables)
+
+
+def test_target_writes_the_gguf_recipe_in_one_command(files, capsys, tmp_path):
+    """--target gguf:Q4_0 --output FILE: the recipe's flags (any given explicitly win) and one .gguf whose
+    decoder weights are the model's own full-range Q4_0 codes; the tied table stays one table."""
+    from gguf import GGUFReader
+
+    from spinquant.cli import config_from_args, parse_args
+    from spinquant.config import TARGETS
+
+    a = parse_args(["quantize", "--target", "gguf:Q4_0", "--output", "m.gguf", "--w-group", "64"])
+    cfg = config_from_args(a)
+    assert (a.export, a.export_output, a.output, cfg.output) == ("gguf", "m.gguf", None, None)
+    assert cfg.quant.weight.group_size == 64 and cfg.quant.weight.full_range and cfg.gptq.weighted_clip
+    assert (cfg.quant.act.bits, cfg.quant.key.bits, cfg.rotation.mode.value) == (16, 16, "none")
+    assert set(TARGETS) == {"gguf:Q4_0", "gguf:Q5_0"}
+
+    src = save_tiny(tmp_path / "tied", "llama-tied")
+    bpe_tokenizer().save_pretrained(src)  # llama.cpp needs BPE merges
+    out = tmp_path / "m.gguf"
+    code, _, err = run_cli(["quantize", "--model", str(src), *small(files), "--gptq-samples", "2", "--gptq-seq-len", "64",
+                            "--target", "gguf:Q4_0", "--output", str(out)], capsys)
+    assert code == 0, err
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert types["blk.0.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
+    assert not (tmp_path / "m.gguf" / "config.json").exists()
 
 
 def test_flag_defaults_are_the_config_defaults_and_help_shows_them():

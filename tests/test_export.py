@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_tiny, tiny_model
+from conftest import bpe_tokenizer, save_tiny, tiny_model
 
 from spinquant import RunConfig, SpinQuantError, quantize
 from spinquant.cli import main
@@ -20,21 +20,6 @@ from spinquant.rotation.sets import load_rotations
 
 torch.set_num_threads(1)
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
-
-
-def bpe_tokenizer():
-    """Byte-level BPE with two merges (llama.cpp needs merges) and BOS/EOS: 260 tokens, like the tiny models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    merges = [("Ġ", "t"), ("h", "e")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 def quantized(family="llama", r3=True, r4=True, weight=None, act_bits=4, kv_bits=4, rotation="hadamard"):
@@ -185,10 +170,14 @@ def test_gguf_writes_llama_tensors_and_tokenizer(tmp_path):
     assert np.abs(dequant(ts["blk.0.attn_k.weight"]) - k).max() < 0.01 * np.abs(k).max()
 
 
-@pytest.mark.parametrize("kind,bits", [("Q4_0", 4), ("Q5_0", 4), ("Q5_0", 5), ("Q8_0", 4), ("F16", 4)])
-def test_gguf_weight_types_keep_the_models_own_weights(tmp_path, kind, bits):
-    """Symmetric codes go into Q4_0 / Q5_0 / Q8_0 blocks as they are: only the scale is rounded to float16."""
-    model, tok = quantized(r3=False, r4=False, weight=QuantSpec(bits=bits, symmetric=True, clip_search=True))
+@pytest.mark.parametrize("kind,bits,full", [("Q4_0", 4, False), ("Q5_0", 4, False), ("Q5_0", 5, False),
+                                            ("Q8_0", 4, False), ("F16", 4, False), ("Q4_0", 4, True),
+                                            ("Q5_0", 5, True)])
+def test_gguf_weight_types_keep_the_models_own_weights(tmp_path, kind, bits, full):
+    """Symmetric codes go into Q4_0 / Q5_0 / Q8_0 blocks as they are: only the scale is rounded to float16.
+    The full-range grid's negative scales too (llama.cpp's own Q4_0 has them)."""
+    model, tok = quantized(r3=False, r4=False, weight=QuantSpec(bits=bits, symmetric=True, clip_search=True,
+                                                                full_range=full))
     reader, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type=kind))
     assert ts["blk.0.ffn_up.weight"].tensor_type.name == kind
     assert ts["token_embd.weight"].tensor_type.name == ("F16" if kind == "F16" else "Q8_0")

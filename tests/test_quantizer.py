@@ -32,6 +32,60 @@ def test_codes_stay_in_range_and_values_on_the_grid(bits, symmetric):
     assert ((qt.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [3, 4, 5])
+def test_full_range_grid_puts_the_largest_magnitude_on_the_negative_end(bits):
+    """llama.cpp's Q4_0 grid: every slice's largest |w| becomes code -2^(b-1) exactly (its scale takes the
+    sign), so 2^b levels serve where amax / (2^(b-1) - 1) uses 2^b - 1; the reconstruction error drops."""
+    w = torch.randn(64, 128, generator=G)
+    w[::2, 7] = -5.0  # the extreme negative in even rows, positive in odd rows
+    w[1::2, 9] = 5.0
+    spec = QuantSpec(bits, group_size=32, full_range=True)
+    qt = quantize_weight(w, spec)
+    groups = to_groups(w, 32)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.equal(qt.scale.sign(), -extreme.sign())
+    assert torch.allclose(to_groups(qt.dequantize(), 32).gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1),
+                          extreme)
+    assert int(qt.codes.min()) == -(2 ** (bits - 1)) and int(qt.codes.max()) <= 2 ** (bits - 1) - 1
+    plain = quantize_weight(w, QuantSpec(bits, group_size=32))
+    assert (qt.dequantize() - w).pow(2).mean() < 0.9 * (plain.dequantize() - w).pow(2).mean()
+    with pytest.raises(SpinQuantError, match="full-range grid is a symmetric one"):
+        QuantSpec(bits, symmetric=False, full_range=True).validate("weight")
+
+
+def test_weighted_clip_search_spares_the_important_values():
+    """With one column weighted 1000x, the search keeps that column's outlier on the grid (ratio 1) where
+    the unweighted search clips it."""
+    from spinquant.quant.quantizer import search_clip_ratio
+
+    w = torch.randn(16, 64, generator=G)
+    w[:, 3] = 20.0
+    imp = torch.ones(64)
+    imp[3] = 1000.0
+    plain = search_clip_ratio(w, 4, True)
+    weighted = search_clip_ratio(w, 4, True, importance=imp)
+    assert (plain < 1).all() and (weighted > 0.97).all()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_weighted_search_refits_the_scale_below_every_grid_point(full):
+    """The weighted search refits each candidate's scale by least squares: its weighted squared error is at
+    most that of every plain shrink on the grid."""
+    from spinquant.quant.quantizer import fake_quant, search_clip_ratio
+
+    gen = torch.Generator().manual_seed(5)
+    g = to_groups(torch.randn(40, 128, generator=gen) * torch.rand(40, 1, generator=gen), 32)
+    imp = to_groups(torch.rand(128, generator=gen).pow(3) * 50, 32)
+
+    def error(ratio):
+        scale, zero = compute_qparams(g, 4, True, ratio, full)
+        return ((fake_quant(g, scale, zero, 4, True) - g).pow(2) * imp).sum(-1, keepdim=True)
+
+    chosen = error(search_clip_ratio(g, 4, True, full_range=full, importance=imp))
+    grid = torch.stack([error(1.0 - i / 100) for i in range(80)]).amin(0)
+    assert (chosen <= grid * (1 + 1e-5)).all() and (chosen < grid * 0.999).any()
+
+
 def test_asymmetric_zero_point_keeps_zero_exact():
     x = torch.tensor([[0.0, 0.3, 1.7, 2.5, 4.0]])  # all non-negative: zero must still be on the grid
     _scale, zero = compute_qparams(x, 4, symmetric=False)
@@ -151,22 +205,26 @@ def test_clip_search_in_chunks_of_rows_equals_the_whole_search(monkeypatch, symm
 @pytest.mark.skipif(not native.available(), reason="native kernels not built on this machine")
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric,group", [(True, None), (False, None), (True, 32), (False, 64)])
-def test_native_clip_search_finds_the_tensor_search_minimum(bits, symmetric, group):
+@pytest.mark.parametrize("full", [False, True])
+def test_native_clip_search_finds_the_tensor_search_minimum(bits, symmetric, group, full):
     """The native search (its own exp/log for |e|^2.4, its own order of summing) picks the ratio the tensor
-    ops pick, or one whose error (measured by the tensor ops) ties the best to float rounding."""
+    ops pick, or one whose error (measured by the tensor ops) ties the best to float rounding; also on the
+    full-range grid."""
     from spinquant.quant import quantizer
 
+    if full and not symmetric:
+        pytest.skip("the full-range grid is symmetric")
     gen = torch.Generator().manual_seed(bits)
     w = torch.randn(96, 192, generator=gen) * torch.rand(96, 1, generator=gen) * 3
     w[::7, 5] *= 15  # outliers, so the best ratio is well below 1 in some rows
     w[3] = 0.0  # an all-zero row: every ratio gives error 0, the first one wins
     g = to_groups(w, group)
-    expected = quantizer._search_clip_ratio(g, bits, symmetric, 100, 0.8, 2.4)
-    got = quantizer.search_clip_ratio(g, bits, symmetric)
+    expected = quantizer._search_clip_ratio(g, bits, symmetric, 100, 0.8, 2.4, full)
+    got = quantizer.search_clip_ratio(g, bits, symmetric, full_range=full)
     assert got.shape == expected.shape and (bits == 8 or (expected < 1).any())
 
     def error(ratio):
-        scale, zero = compute_qparams(g, bits, symmetric, ratio)
+        scale, zero = compute_qparams(g, bits, symmetric, ratio, full)
         return (quantizer.fake_quant(g, scale, zero, bits, symmetric) - g).abs().pow(2.4).sum(-1, keepdim=True)
 
     best, chosen = error(expected), error(got)

@@ -30,10 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_config(w=4, a=4, kv=4, w_group=None, a_group=None, a_sym=False, r3=True, r4=True,
-               tables="int8") -> RunConfig:
+               tables="int8", w_full_range=False) -> RunConfig:
     cfg = RunConfig()
     cfg.tables = tables
-    cfg.quant = QuantConfig(weight=QuantSpec(w, symmetric=True, group_size=w_group, clip_search=True),
+    cfg.quant = QuantConfig(weight=QuantSpec(w, symmetric=True, group_size=w_group, clip_search=True,
+                                             full_range=w_full_range),
                             act=QuantSpec(a, symmetric=a_sym, group_size=a_group, clip_ratio=0.9),
                             key=QuantSpec(kv, symmetric=False, clip_ratio=0.95),
                             value=QuantSpec(kv, symmetric=False, clip_ratio=0.95))
@@ -286,7 +287,8 @@ def test_saved_model_matches_fake_quant_for_every_family(tmp_path, family):
 
 
 def test_grouped_and_weight_only_checkpoints(tmp_path):
-    for i, kw in enumerate([{"w_group": 32}, {"w_group": 32, "a_group": 32}, {"a": 16, "kv": 16}]):
+    for i, kw in enumerate([{"w_group": 32}, {"w_group": 32, "a_group": 32}, {"a": 16, "kv": 16},
+                            {"w_group": 32, "a": 16, "kv": 16, "w_full_range": True}, {"w_full_range": True}]):
         model, cfg = quantized_tiny(**kw)
         loaded, _ = save_load(model, cfg, tmp_path / f"q{i}")
         ids = torch.randint(0, 260, (1, 24), generator=torch.Generator().manual_seed(3))

@@ -12,6 +12,7 @@ from .config import (
     DEFAULT_MODEL,
     STE_KINDS,
     TABLE_DTYPES,
+    TARGETS,
     TRAIN_PRESETS,
     QuantConfig,
     QuantSpec,
@@ -155,6 +156,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--w-group", type=int, help="weight group size (default: per output channel)")
     g.add_argument("--a-group", type=int, help="activation group size (default: per token)")
     g.add_argument("--w-asym", action="store_true", help="asymmetric weight grid")
+    g.add_argument("--w-full-range", action="store_true",
+                   help="symmetric weight grid on all 2^bits levels: each row's or group's largest |w| maps to "
+                        "-2^(bits-1) (llama.cpp's Q4_0/Q5_0 grid; finer steps than the default amax/(2^(bits-1)-1))")
     g.add_argument("--a-sym", action="store_true", help="symmetric activation grid")
     g.add_argument("--a-clip", type=float, default=q.act.clip_ratio, help="activation clip ratio")
     g.add_argument("--kv-clip", type=float, default=q.key.clip_ratio, help="K/V clip ratio")
@@ -165,6 +169,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-seq-len", type=_positive, default=DEFAULTS.gptq.seq_len,
                    help="GPTQ calibration window length (tokens)")
     g.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
+    g.add_argument("--gptq-weighted-clip", action="store_true",
+                   help="weigh the clip search's error by each input channel's mean square (an importance matrix)")
 
     r = p.add_argument_group("rotation")
     r.add_argument("--rotation", choices=[m.value for m in RotationMode], default=DEFAULTS.rotation.mode.value,
@@ -213,7 +219,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     if not hasattr(a, "w_bits"):
         return cfg.validate()
     cfg.quant = QuantConfig(
-        weight=QuantSpec(a.w_bits, symmetric=not a.w_asym, group_size=a.w_group, clip_search=not a.no_w_clip_search),
+        weight=QuantSpec(a.w_bits, symmetric=not a.w_asym, group_size=a.w_group, clip_search=not a.no_w_clip_search,
+                         full_range=a.w_full_range),
         act=QuantSpec(a.a_bits, symmetric=a.a_sym, group_size=a.a_group, clip_ratio=a.a_clip),
         key=QuantSpec(a.kv_bits if a.k_bits is None else a.k_bits, symmetric=False, clip_ratio=a.kv_clip),
         value=QuantSpec(a.kv_bits if a.v_bits is None else a.v_bits, symmetric=False, clip_ratio=a.kv_clip),
@@ -231,7 +238,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                         checkpoint_every=a.train_checkpoint_every or 0, resume=a.resume, loss=a.train_loss,
                         act_ste=a.train_ste, **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
-                       act_order=a.gptq_act_order)
+                       act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()
@@ -263,7 +270,8 @@ def _check_side_outputs(cfg: RunConfig) -> None:
         check_writable(Path(ckpt), cfg.overwrite, directory=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(target: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `target`, quantize's defaults are that target's recipe (config.TARGETS)."""
     p = _Parser(prog="spinquant", description="Rotate and quantize LLMs to 4 bits (SpinQuant).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -272,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_quant_args(q)
     add_eval_args(q)
     add_export_args(q)
+    q.add_argument("--target", choices=sorted(TARGETS),
+                   help="the recipe that measured best for a serving format: sets the quantization and export "
+                        "flags (any given explicitly still win) and writes --output as that file, e.g. "
+                        "--target gguf:Q4_0 --output model.gguf")
+    if target:
+        q.set_defaults(**TARGETS[target])
 
     e = sub.add_parser("eval", help="evaluate the floating-point model, or a folder saved by quantize --output")
     add_model_args(e)
@@ -327,9 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags → namespace; a quantize --target is parsed a second time with its recipe as the defaults."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "target", None):
+        args = build_parser(args.target).parse_args(argv)
+        if args.output and not args.export_output:
+            args.export_output, args.output = args.output, None  # --output names the target's file
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         if distributed.launched() and args.command != "quantize":
             raise SpinQuantError(f"only 'quantize' runs under torchrun (it trains rotations on every process); "
                                  f"run '{args.command}' as a single process")

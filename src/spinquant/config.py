@@ -47,6 +47,7 @@ class QuantSpec:
     group_size: int | None = None  # None: a whole row (weights: per output channel; activations: per token)
     clip_ratio: float = 1.0  # fixed range shrink (activations, KV)
     clip_search: bool = False  # weights: grid-search the shrink that minimises reconstruction error
+    full_range: bool = False  # symmetric weights: all 2^b levels, largest |w| at -2^(b-1) (llama.cpp's Q4_0 grid)
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +64,9 @@ class QuantSpec:
             )
         if not (math.isfinite(self.clip_ratio) and 0.0 < self.clip_ratio <= 1.0):
             raise SpinQuantError(f"{what} clip ratio {self.clip_ratio} must be in (0, 1]; 1.0 means no clipping")
+        if self.full_range and not self.symmetric:
+            raise SpinQuantError(f"{what}: the full-range grid is a symmetric one; drop the asymmetric option "
+                                 "or the full-range one")
 
 
 def _weight_spec() -> QuantSpec:
@@ -217,6 +221,18 @@ PAPER_TRAIN = {"steps": 100, "batch": 8, "seq_len": 2048, "lr": 1.5}
 CPU_TRAIN = {"steps": 60, "batch": 2, "seq_len": 512, "lr": 1.5}
 TRAIN_PRESETS = {"paper": PAPER_TRAIN, "cpu": CPU_TRAIN}
 
+# `quantize --target`: the flags (argparse names) of the recipe that measured best for a serving format
+# (benchmarks/RESULTS.md, "GGUF"). Weights only, as llama.cpp computes activations itself; no online
+# Hadamards, which llama.cpp cannot run; no R1, which would split a tied model's one table in two; GPTQ in
+# groups of 32 on the format's own full-range grid, its scales fitted with the inputs' mean squares.
+_GGUF_RECIPE = {"a_bits": 16, "kv_bits": 16, "no_r3": True, "no_r4": True, "rotation": "none", "w_group": 32,
+                "w_full_range": True, "weight_quant": "gptq", "gptq_weighted_clip": True, "export": "gguf", "gguf_type": "auto",
+                "gguf_tables": "Q8_0"}
+TARGETS = {
+    "gguf:Q4_0": {**_GGUF_RECIPE, "w_bits": 4},
+    "gguf:Q5_0": {**_GGUF_RECIPE, "w_bits": 5},
+}
+
 
 @dataclass
 class GPTQConfig:
@@ -226,6 +242,7 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    weighted_clip: bool = False  # clip search weighted by the Hessian diagonal (gptq.gptq_quantize)
 
     def validate(self) -> None:
         if self.samples <= 0 or self.seq_len <= 0:

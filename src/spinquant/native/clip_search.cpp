@@ -72,9 +72,16 @@ struct Grid {
   float scale, zero;
 };
 
-// compute_qparams for one row at one clip ratio (float32 throughout, as the tensor code).
-inline Grid row_qparams(float lo, float hi, float ratio, bool symmetric, float qmax) {
+// compute_qparams for one row at one clip ratio (float32 throughout, as the tensor code). `extreme` is the
+// row's first value of largest magnitude, which full_range maps to qmin (a scale of its sign).
+inline Grid row_qparams(float lo, float hi, float extreme, float ratio, bool symmetric, bool full_range, float qmin,
+                        float qmax) {
   Grid g{0.0f, 0.0f};
+  if (symmetric && full_range) {
+    g.scale = (extreme * ratio) / qmin;
+    if (std::fabs(g.scale) < 1e-8f) g.scale = 1e-8f;
+    return g;
+  }
   if (symmetric) {
     const float amax = std::max(-lo, hi) * ratio;
     g.scale = amax / qmax;
@@ -116,7 +123,8 @@ inline float row_error(const float* w, int64_t K, Grid g, float qmin, float qmax
 }  // namespace
 
 // w [R, K] float32 → ratio [R, 1]: per row the first grid ratio with the least error.
-at::Tensor clip_search(at::Tensor w, int64_t bits, bool symmetric, int64_t grid, double max_shrink, double norm) {
+at::Tensor clip_search(at::Tensor w, int64_t bits, bool symmetric, int64_t grid, double max_shrink, double norm,
+                       bool full_range) {
   TORCH_CHECK(w.dtype() == at::kFloat && w.dim() == 2 && w.is_contiguous(), "w: contiguous float32 [R, K]");
   TORCH_CHECK(bits >= 1 && bits <= 16 && grid >= 1, "bits must be 1..16 and grid positive");
   const int64_t R = w.size(0), K = w.size(1);
@@ -129,15 +137,17 @@ at::Tensor clip_search(at::Tensor w, int64_t bits, bool symmetric, int64_t grid,
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = wp + r * K;
-      float lo = row[0], hi = row[0];
+      float lo = row[0], hi = row[0], extreme = row[0];
       for (int64_t k = 1; k < K; ++k) {
         lo = std::min(lo, row[k]);
         hi = std::max(hi, row[k]);
+        if (std::fabs(row[k]) > std::fabs(extreme)) extreme = row[k];
       }
       float best = std::numeric_limits<float>::infinity(), best_ratio = 1.0f;
       for (int64_t i = 0; i < steps; ++i) {
         const float ratio = float(1.0 - double(i) / double(grid));
-        const float err = row_error(row, K, row_qparams(lo, hi, ratio, symmetric, qmax), qmin, qmax, float(norm));
+        const float err = row_error(row, K, row_qparams(lo, hi, extreme, ratio, symmetric, full_range, qmin, qmax),
+                                    qmin, qmax, float(norm));
         if (err < best) {
           best = err;
           best_ratio = ratio;
@@ -150,7 +160,7 @@ at::Tensor clip_search(at::Tensor w, int64_t bits, bool symmetric, int64_t grid,
 }
 
 TORCH_LIBRARY_FRAGMENT(spinquant, m) {
-  m.def("clip_search(Tensor w, int bits, bool symmetric, int grid, float max_shrink, float norm) -> Tensor");
+  m.def("clip_search(Tensor w, int bits, bool symmetric, int grid, float max_shrink, float norm, bool full_range) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spinquant, CPU, m) {

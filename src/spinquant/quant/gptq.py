@@ -101,12 +101,15 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    weighted_clip: bool = False,
 ) -> QuantizedTensor:
     """Quantize weight [out, in] with GPTQ given the input Hessian [in, in].
 
     Codes come back in the original column order; `dequantize()` gives the GPTQ weight. With groups and
     act_order, group parameters are fixed up front from the original weight ("static groups") so that a
-    group is still a run of consecutive original columns.
+    group is still a run of consecutive original columns. weighted_clip: the clip search of each row or group
+    weighs a column's error by its Hessian diagonal (the input's mean square, as llama.cpp's importance
+    matrix weighs its scale search), so a weight that meets an outlier channel is not clipped like the rest.
     """
     if weight.dim() != 2:
         raise SpinQuantError(f"GPTQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
@@ -141,10 +144,12 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
+    importance = torch.diagonal(h).float() if weighted_clip else None  # original column order
     # Per-channel and static-group parameters come from the whole (un-updated) weight, exactly as RTN.
     static = group_size is None or act_order
     if static:
-        scale_all, zero_all = weight_qparams(to_groups(w, group_size), spec)  # [out, 1] or [out, ng, 1]
+        imp = None if importance is None else to_groups(importance[None], group_size)
+        scale_all, zero_all = weight_qparams(to_groups(w, group_size), spec, imp)  # [out, 1] or [out, ng, 1]
     else:
         n_groups = n_in // group_size
         scale_all = torch.empty(n_out, n_groups, 1, device=device)
@@ -188,7 +193,8 @@ def gptq_quantize(
                     if end > b2:
                         rest = w[:, b2:end] - err1[:, :i] @ u[b1:col, b2:end]
                         cur = torch.cat([cur, rest], dim=1)
-                    scale_all[:, g], zero_all[:, g] = weight_qparams(cur, spec)
+                    imp = None if importance is None else importance[None, col : col + cur.shape[1]]
+                    scale_all[:, g], zero_all[:, g] = weight_qparams(cur, spec, imp)
                 s, z = scale_all[:, g], zero_all[:, g]
             col_w = w1[:, i : i + 1]
             q_codes = quantize_codes(col_w, s, z, spec.bits, spec.symmetric)

@@ -268,6 +268,7 @@ def quantize_weights_gptq(
                                 block_size=settings.block_size,
                                 damp=settings.damp,
                                 act_order=settings.act_order,
+                                weighted_clip=settings.weighted_clip,
                             )
                             linear.weight.data = qt.dequantize(linear.weight.dtype)
                             linear.quantized = qt.to(home)

@@ -40,11 +40,21 @@ def to_groups(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def compute_qparams(
-    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0
+    x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per slice of the last dim (keepdim). Computed without gradient."""
+    """Scale and zero point per slice of the last dim (keepdim). Computed without gradient.
+
+    full_range (symmetric grids): the slice's largest-magnitude value maps to the grid's negative end
+    -2^(b-1), with a scale of that value's sign, so all 2^b levels are used (llama.cpp's Q4_0 / Q5_0 grid):
+    a step 8/7 finer at 4 bits than amax / 7, at the cost of clipping the other side at +2^(b-1) - 1.
+    """
     x = x.detach()
-    _, qmax = qrange(bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric and full_range:
+        extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)) * clip_ratio
+        scale = extreme / qmin
+        floor = 1e-8 if x.dtype != torch.float16 else 1e-5
+        return torch.where(scale.abs() < floor, torch.full_like(scale, floor), scale), torch.zeros_like(scale)
     if symmetric:
         amax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
         scale = amax / qmax
@@ -125,55 +135,82 @@ def search_clip_ratio(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
+    full_range: bool = False,
+    importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per slice, the range shrink in [1 - max_shrink, 1] minimising sum |Q(w) - w|^norm ([..., 1]).
 
     The 2.4 norm (GPTQ's choice) weighs large errors a little more than L2, which suits the outliers
-    that rotations leave behind.
+    that rotations leave behind. `importance` (broadcastable to w) weighs each value's error, e.g. by its
+    input channel's mean squared activation (the Hessian diagonal; llama.cpp's importance matrix): without
+    it the search clips a weight that meets an outlier channel as readily as any other. With importance the
+    error is the weighted squared one (what the importance approximates: the output's squared error) and
+    each candidate's scale is refitted by weighted least squares on its codes; the returned ratio is then
+    that scale's (it may exceed 1).
     """
     w = w.detach()
     rows = w.reshape(-1, w.shape[-1])
-    if w.device.type == "cpu" and w.dtype == torch.float32 and (kern := native.kernels()) is not None:
+    imp = None if importance is None else importance.detach().to(w.dtype).expand_as(w).reshape(rows.shape)
+    if imp is not None:
+        norm = 2.0
+    if imp is None and w.device.type == "cpu" and w.dtype == torch.float32 and (kern := native.kernels()) is not None:
         # One native pass per row (native/clip_search.cpp): ~7x faster than the tensor ops below, the same
-        # choice but where two grid points' errors tie to float rounding.
-        return kern.clip_search(rows.contiguous(), bits, symmetric, grid, max_shrink, norm).reshape(*w.shape[:-1], 1)
+        # choice but where two grid points' errors tie to float rounding. (The weighted search, used by GPTQ
+        # one group at a time, stays in tensor ops.)
+        return kern.clip_search(rows.contiguous(), bits, symmetric, grid, max_shrink, norm, full_range).reshape(
+            *w.shape[:-1], 1)
     step = max(1, CLIP_SEARCH_CHUNK // rows.shape[-1])
     if w.device.type == "cpu" and len(rows) > step:
         # Each slice's search is independent: a chunk of rows at a time keeps the ~10 temporaries of every
         # grid point in cache (3.4x faster on a 1536 x 576 weight here, bit-identical results).
-        parts = [_search_clip_ratio(rows[i:i + step], bits, symmetric, grid, max_shrink, norm)
+        parts = [_search_clip_ratio(rows[i:i + step], bits, symmetric, grid, max_shrink, norm, full_range,
+                                    None if imp is None else imp[i:i + step])
                  for i in range(0, len(rows), step)]
         return torch.cat(parts).reshape(*w.shape[:-1], 1)
-    return _search_clip_ratio(w, bits, symmetric, grid, max_shrink, norm)
+    return _search_clip_ratio(w, bits, symmetric, grid, max_shrink, norm, full_range,
+                              None if imp is None else imp.reshape(w.shape))
 
 
 CLIP_SEARCH_CHUNK = 1 << 17  # elements per chunk of the clip search (512 KiB in float32; measured best of 2^13-2^19)
 
 
 def _search_clip_ratio(w: torch.Tensor, bits: int, symmetric: bool, grid: int, max_shrink: float,
-                       norm: float) -> torch.Tensor:
+                       norm: float, full_range: bool = False, importance: torch.Tensor | None = None) -> torch.Tensor:
     best_err = torch.full(w.shape[:-1] + (1,), float("inf"), device=w.device, dtype=w.dtype)
     best_ratio = torch.ones_like(best_err)
     for i in range(int(max_shrink * grid)):
-        ratio = 1.0 - i / grid
-        scale, zero = compute_qparams(w, bits, symmetric, ratio)
-        err = (fake_quant(w, scale, zero, bits, symmetric) - w).abs().pow(norm).sum(-1, keepdim=True)
+        ratio = torch.full_like(best_ratio, 1.0 - i / grid)
+        scale, zero = compute_qparams(w, bits, symmetric, ratio, full_range)
+        if importance is not None and symmetric:
+            # Weighted least-squares scale for these codes, as llama.cpp's imatrix quantizers refit theirs.
+            codes = quantize_codes(w, scale, zero, bits, symmetric)
+            weighted = codes * importance
+            num, den = (weighted * w).sum(-1, keepdim=True), (weighted * codes).sum(-1, keepdim=True)
+            fitted = torch.where((den > 0) & (num * scale > 0), num / den.clamp(min=1e-30), scale)
+            ratio = ratio * fitted / scale
+            scale, zero = compute_qparams(w, bits, symmetric, ratio, full_range)
+        err = (fake_quant(w, scale, zero, bits, symmetric) - w).abs().pow(norm)
+        err = (err if importance is None else err * importance).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+        best_ratio = torch.where(better, ratio, best_ratio)
     return best_ratio
 
 
-def search_clip(w: torch.Tensor, bits: int, symmetric: bool, **search) -> tuple[torch.Tensor, torch.Tensor]:
+def search_clip(w: torch.Tensor, bits: int, symmetric: bool, full_range: bool = False,
+                **search) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point at the clip-searched range shrink of each slice."""
-    return compute_qparams(w, bits, symmetric, search_clip_ratio(w, bits, symmetric, **search))
+    ratio = search_clip_ratio(w, bits, symmetric, full_range=full_range, **search)
+    return compute_qparams(w, bits, symmetric, ratio, full_range)
 
 
-def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for a weight (rows or groups along the last dim), clip-searched if asked."""
+def weight_qparams(w: torch.Tensor, spec: QuantSpec,
+                   importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for a weight (rows or groups along the last dim), clip-searched if asked, with each
+    value's error weighted by `importance` (broadcastable to w) when given."""
     if spec.clip_search:
-        return search_clip(w, spec.bits, spec.symmetric)
-    return compute_qparams(w, spec.bits, spec.symmetric, spec.clip_ratio)
+        return search_clip(w, spec.bits, spec.symmetric, spec.full_range, importance=importance)
+    return compute_qparams(w, spec.bits, spec.symmetric, spec.clip_ratio, spec.full_range)
 
 
 def code_dtype(symmetric: bool) -> torch.dtype:
@@ -235,7 +272,7 @@ def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Ten
         return w
     g = to_groups(w, spec.group_size)
     if clip_ratio is not None:
-        scale, zero = compute_qparams(g, spec.bits, spec.symmetric, clip_ratio)
+        scale, zero = compute_qparams(g, spec.bits, spec.symmetric, clip_ratio, spec.full_range)
     else:
         scale, zero = weight_qparams(g, spec)
     return fake_quant(g, scale, zero, spec.bits, spec.symmetric).reshape(w.shape)

@@ -38,12 +38,12 @@ WEIGHTS_FILE = "model.safetensors"
 
 def spec_to_dict(spec: QuantSpec) -> dict:
     return {"bits": spec.bits, "symmetric": spec.symmetric, "group_size": spec.group_size,
-            "clip_ratio": spec.clip_ratio}
+            "clip_ratio": spec.clip_ratio, "full_range": spec.full_range}
 
 
 def spec_from_dict(d: dict) -> QuantSpec:
     return QuantSpec(bits=int(d["bits"]), symmetric=bool(d["symmetric"]), group_size=d.get("group_size"),
-                     clip_ratio=float(d.get("clip_ratio", 1.0)))
+                     clip_ratio=float(d.get("clip_ratio", 1.0)), full_range=bool(d.get("full_range", False)))
 
 
 def sha256_file(path: Path) -> str:

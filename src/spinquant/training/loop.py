@@ -83,7 +83,7 @@ class RotatedLinear(nn.Module):
         spec = self.weight_spec
         if spec.enabled and spec.clip_search:
             w = to_groups(self.rotated()[0].float(), spec.group_size)
-            self.clip_ratio = search_clip_ratio(w, spec.bits, spec.symmetric, grid=grid)
+            self.clip_ratio = search_clip_ratio(w, spec.bits, spec.symmetric, grid=grid, full_range=spec.full_range)
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.quantize:  # float teacher: the rotations cancel, so skip building W·R altogether
