@@ -53,7 +53,7 @@ def compute_qparams(
     if symmetric and full_range:
         extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)) * clip_ratio
         scale = extreme / qmin
-        floor = 1e-8 if x.dtype != torch.float16 else 1e-5
+        floor = _scale_floor(x)
         return torch.where(scale.abs() < floor, torch.full_like(scale, floor), scale), torch.zeros_like(scale)
     if symmetric:
         amax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio
@@ -179,7 +179,7 @@ def _search_clip_ratio(w: torch.Tensor, bits: int, symmetric: bool, grid: int, m
     best_err = torch.full(w.shape[:-1] + (1,), float("inf"), device=w.device, dtype=w.dtype)
     best_ratio = torch.ones_like(best_err)
     for i in range(int(max_shrink * grid)):
-        ratio = torch.full_like(best_ratio, 1.0 - i / grid)
+        ratio = 1.0 - i / grid
         scale, zero = compute_qparams(w, bits, symmetric, ratio, full_range)
         if importance is not None and symmetric:
             # Weighted least-squares scale for these codes, as llama.cpp's imatrix quantizers refit theirs.
@@ -193,7 +193,7 @@ def _search_clip_ratio(w: torch.Tensor, bits: int, symmetric: bool, grid: int, m
         err = (err if importance is None else err * importance).sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, ratio, best_ratio)
+        best_ratio = torch.where(better, ratio, best_ratio)  # ratio: a float, or per slice once refitted
     return best_ratio
 
 
