@@ -1,5 +1,6 @@
 """Exports on tiny models: compressed-tensors round-trips through the library, GGUF reads back, R.bin layout."""
 
+import argparse
 import json
 
 import numpy as np
@@ -388,6 +389,49 @@ def spinquant_save(model, tok, path):
     from spinquant.runtime.checkpoint import save_quantized
 
     return save_quantized(model, tok, None, path)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_per_layer_weight_bits_reach_the_codes_and_the_gguf_types(tmp_path, method):
+    """--w-bits-role down=4,down@1=8: layer 1's down_proj takes 8 bits, every other layer's 4; GPTQ and RTN
+    round each on its own grid, the record check accepts it, and GGUF auto writes Q4_0 / Q8_0 blocks."""
+    model = tiny_model("llama", vocab_size=260)
+    tok = bpe_tokenizer()
+    cfg = RunConfig()
+    cfg.rotation.mode, cfg.tables = "none", "float32"
+    cfg.quant.weight = QuantSpec(bits=5, symmetric=True, group_size=32, full_range=True)
+    cfg.quant.weight_role_bits = {"down": 4, "down.1": 8}
+    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
+    cfg.quant.weight_method = method
+    cfg.gptq.samples, cfg.gptq.seq_len = 2, 16
+    quantize_model(model, cfg, tok, progress=False, calib_ids=torch.randint(0, 260, (2, 16)))
+    layers = model_parts(model).layers
+    assert len(layers) >= 2
+    assert [layer.down.quantized.bits for layer in layers] == [8 if i == 1 else 4 for i in range(len(layers))]
+    assert {layer.q.quantized.bits for layer in layers} == {5}
+    _, ts = gguf_tensors(export_gguf(model, tok, tmp_path / "m.gguf", weight_type="auto"))
+    assert [ts[f"blk.{i}.ffn_down.weight"].tensor_type.name for i in range(len(layers))] == [
+        "Q8_0" if i == 1 else "Q4_0" for i in range(len(layers))]
+    w = layers[1].down.weight.detach().numpy()
+    assert np.abs(dequant(ts["blk.1.ffn_down.weight"]) - w).max() <= 1e-3 * np.abs(w).max()
+
+
+def test_per_layer_bits_parse_and_are_checked_against_the_model():
+    from spinquant.cli import _role_bits
+
+    assert _role_bits("down=4,v@0-2,5=8, k@3=6") == {"down": 4, "v.0": 8, "v.1": 8, "v.2": 8, "v.5": 8, "k.3": 6}
+    with pytest.raises(argparse.ArgumentTypeError, match="ROLE@LAYERS=BITS"):
+        _role_bits("v@a=8")
+    cfg = RunConfig()
+    cfg.quant.weight_role_bits = {"v.x": 8}
+    with pytest.raises(SpinQuantError, match="role 'v.x' is unknown"):
+        cfg.validate()
+    cfg.quant.weight_role_bits = {"v.9": 8}
+    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
+    cfg.rotation.mode = "none"
+    with pytest.raises(SpinQuantError, match="names layer 9, but the model has layers 0-1"):
+        quantize_model(tiny_model("llama", vocab_size=260), cfg, bpe_tokenizer(), progress=False,
+                       calib_ids=torch.randint(0, 260, (2, 16)))
 
 
 def test_per_role_bits_are_checked_where_they_enter():

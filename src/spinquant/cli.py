@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 
@@ -56,14 +57,26 @@ def _bits(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bits must be an integer (2-8 or 16), got {text!r}") from None
 
 
+_ROLE_BITS_ITEM = re.compile(r"\s*([a-z]+)(?:@(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*))?\s*=\s*(\d+)\s*(?:,|$)")
+
+
 def _role_bits(text: str) -> dict[str, int]:
-    """'down=4,v=8' → {"down": 4, "v": 8}; roles and bits are checked with the rest of the config."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        role, sep, bits = item.partition("=")
-        if not sep or not bits.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r} is not ROLE=BITS (e.g. down=4)")
-        out[role.strip()] = int(bits)
+    """'down=4,v@0-2,5=8' → {"down": 4, "v.0": 8, "v.1": 8, "v.2": 8, "v.5": 8}: a role in every layer, or
+    in the layers after @ (indices and ranges); roles and bits are checked with the rest of the config."""
+    out, at = {}, 0
+    while at < len(text):
+        m = _ROLE_BITS_ITEM.match(text, at)
+        if m is None or m.end() == at:
+            raise argparse.ArgumentTypeError(f"{text[at:]!r} is not ROLE=BITS or ROLE@LAYERS=BITS "
+                                             "(e.g. down=4 or v@0-2,5=8)")
+        role, layers, bits = m.groups()
+        if layers is None:
+            out[role] = int(bits)
+        for part in (layers.split(",") if layers else ()):
+            first, _, last = part.partition("-")
+            for i in range(int(first), int(last or first) + 1):
+                out[f"{role}.{i}"] = int(bits)
+        at = m.end()
     return out
 
 
@@ -150,9 +163,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-bits", type=_bits, default=q.key.bits, help="K and V cache bits (2-8, 16 = float)")
     g.add_argument("--k-bits", type=_bits, help="key cache bits (overrides --kv-bits)")
     g.add_argument("--v-bits", type=_bits, help="value cache bits (overrides --kv-bits)")
-    g.add_argument("--w-bits-role", type=_role_bits, default={}, metavar="ROLE=BITS[,...]",
-                   help="other weight bits for some linears, e.g. down=4,v=8 (roles: q, k, v, o, gate, up, down); "
-                        "saved as GGUF (--gguf-type auto)")
+    g.add_argument("--w-bits-role", type=_role_bits, default={}, metavar="ROLE[@LAYERS]=BITS[,...]",
+                   help="other weight bits for some linears, in every layer or in the layers named after @, e.g. "
+                        "down=4,v@0-2,27=8 (roles: q, k, v, o, gate, up, down; layers from 0); saved as GGUF "
+                        "(--gguf-type auto)")
     g.add_argument("--w-group", type=int, help="weight group size (default: per output channel)")
     g.add_argument("--a-group", type=int, help="activation group size (default: per token)")
     g.add_argument("--w-asym", action="store_true", help="asymmetric weight grid")

@@ -84,9 +84,25 @@ def _kv_spec() -> QuantSpec:
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's linears, as the adapters name them
 
 
+def split_role_key(key: str) -> tuple[str, int | None]:
+    """'down' → ("down", None): every layer's down; 'down.3' → ("down", 3): layer 3's only."""
+    role, _, layer = key.partition(".")
+    if role not in LINEAR_ROLES or (layer and not layer.isdigit()):
+        raise SpinQuantError(f"weight role {key!r} is unknown; use one of {', '.join(LINEAR_ROLES)}, optionally "
+                             "with a layer index (down.3)")
+    return role, int(layer) if layer else None
+
+
 def weight_specs(weight: QuantSpec, role_bits: dict[str, int]) -> dict[str, QuantSpec]:
-    """Every linear role's weight grid: `weight`, with the bits of the roles `role_bits` names replaced."""
-    return {role: replace(weight, bits=role_bits[role]) if role in role_bits else weight for role in LINEAR_ROLES}
+    """Every linear role's weight grid: `weight`, with the bits `role_bits` names replaced. Keys are a role
+    ("down": all layers) or a role in one layer ("down.3"); look a linear up with `layer_spec`."""
+    return {**{role: weight for role in LINEAR_ROLES},
+            **{key: replace(weight, bits=bits) for key, bits in role_bits.items()}}
+
+
+def layer_spec(specs: dict[str, QuantSpec], layer: int, role: str) -> QuantSpec:
+    """The grid of layer `layer`'s `role` linear in `weight_specs`'s dict: its own entry, else its role's."""
+    return specs.get(f"{role}.{layer}", specs[role])
 
 
 @dataclass
@@ -98,7 +114,8 @@ class QuantConfig:
     key: QuantSpec = field(default_factory=_kv_spec)
     value: QuantSpec = field(default_factory=_kv_spec)
     weight_method: WeightMethod = "rtn"
-    weight_role_bits: dict[str, int] = field(default_factory=dict)  # e.g. {"down": 4}: other bits for some roles
+    # other bits for some linears: a role in every layer ("down") or in one layer ("v.3"), e.g. {"down": 4, "v.0": 8}
+    weight_role_bits: dict[str, int] = field(default_factory=dict)
 
     def weight_specs(self) -> dict[str, QuantSpec]:
         return weight_specs(self.weight, self.weight_role_bits)
@@ -106,8 +123,7 @@ class QuantConfig:
     def validate(self) -> None:
         self.weight.validate("weight")
         for role, bits in self.weight_role_bits.items():
-            if role not in LINEAR_ROLES:
-                raise SpinQuantError(f"weight role {role!r} is unknown; use one of {', '.join(LINEAR_ROLES)}")
+            split_role_key(role)
             if not self.weight.enabled or not 2 <= bits <= 8:
                 raise SpinQuantError(f"{role} weight bits = {bits}: per-role bits must be 2-8, with --w-bits "
                                      "below 16 as well")

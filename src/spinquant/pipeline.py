@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
-from .config import QuantizedAs, QuantSpec, RotationMode, RunConfig, weight_specs
+from .config import QuantizedAs, QuantSpec, RotationMode, RunConfig, layer_spec, split_role_key, weight_specs
 from .errors import SpinQuantError
 from .models import ModelParts, model_parts
 from .quant.install import install_modules, set_activation_quant
@@ -52,6 +52,10 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
                 raise SpinQuantError(
                     f"no Hadamard construction known for the {what} {n}; pass --no-r4/--no-r3"
                 )
+    for key in cfg.quant.weight_role_bits:
+        layer = split_role_key(key)[1]
+        if layer is not None and layer >= len(parts.layers):
+            raise SpinQuantError(f"--w-bits-role names layer {layer}, but the model has layers 0-{len(parts.layers) - 1}")
     dims = (parts.hidden_size, parts.intermediate_size, parts.num_heads * parts.head_dim)  # linear input sizes
     for what, spec in (("weight", cfg.quant.weight), ("activation", cfg.quant.act)):  # roles share the group
         g = spec.group_size
@@ -65,15 +69,15 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
 @torch.no_grad()
 def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec | dict[str, QuantSpec], progress: bool = True,
                          stream: LayerStream | None = None) -> None:
-    """Round every decoder linear to its grid: `spec`, or {role: spec} (QuantConfig.weight_specs)."""
+    """Round every decoder linear to its grid: `spec`, or QuantConfig.weight_specs()'s dict (by role / layer)."""
     from tqdm.auto import tqdm
 
     layers = tqdm(each_layer(parts, stream), total=len(parts.layers), desc="RTN weights",
                   disable=not progress or None, leave=False)
     specs = spec if isinstance(spec, dict) else weight_specs(spec, {})
-    for layer in layers:
+    for index, layer in enumerate(layers):
         for role, linear in layer.linears().items():
-            qt = quantize_weight(linear.weight.data, specs[role])
+            qt = quantize_weight(linear.weight.data, layer_spec(specs, index, role))
             linear.weight.data = qt.dequantize(linear.weight.dtype)
             linear.quantized = qt.to(stream.home(layer)) if stream is not None else qt  # codes live with the model
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import GPTQConfig, QuantSpec, weight_specs
+from ..config import GPTQConfig, QuantSpec, layer_spec, weight_specs
 from ..errors import SpinQuantError
 from ..streaming import LayerStream
 from .gptq import HessianAccumulator, gptq_quantize
@@ -223,9 +223,10 @@ def quantize_weights_gptq(
     progress: bool = True,
     stream: LayerStream | None = None,
 ) -> dict:
-    """GPTQ every decoder linear of `parts` onto its grid (`spec`, or {role: spec}), layer by layer, in place: weight ←
-    dequantized codes and `linear.quantized` ← the codes, from the inputs that `calib` ([samples, seq_len]
-    token ids, e.g. pipeline.calibration_windows) produces. `settings`: block size, damping, act-order.
+    """GPTQ every decoder linear of `parts` onto its grid (`spec`, or QuantConfig.weight_specs()'s dict), layer
+    by layer, in place: weight ← dequantized codes and `linear.quantized` ← the codes, from the inputs that
+    `calib` ([samples, seq_len] token ids, e.g. pipeline.calibration_windows) produces. `settings`: block size,
+    damping, act-order.
     Each layer visits the compute device through `stream` (default: where the model is) and goes back home.
 
     Returns {"seconds", "samples", "seq_len", "layers"}.
@@ -264,7 +265,7 @@ def quantize_weights_gptq(
                             qt = gptq_quantize(
                                 linear.weight.data,
                                 hessians.hessian(role),
-                                specs[role],
+                                layer_spec(specs, index, role),
                                 block_size=settings.block_size,
                                 damp=settings.damp,
                                 act_order=settings.act_order,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import QuantizedAs, RunConfig
+from ..config import QuantizedAs, RunConfig, layer_spec
 from ..errors import SpinQuantError
 from ..io import atomic_path
 from ..models import model_parts
@@ -55,16 +55,17 @@ def quantization_record(model) -> QuantizedAs:
     (every linear on its role's grid, the same online Hadamards): the specs a save writes."""
     done = getattr(model, "spinquant_quantized_as", None)
     parts = model_parts(model)
-    by_role = [(role, lin) for layer in parts.layers for role, lin in layer.linears().items()]
-    linears = [lin for _, lin in by_role]
+    by_role = [(i, role, lin) for i, layer in enumerate(parts.layers) for role, lin in layer.linears().items()]
+    linears = [lin for *_, lin in by_role]
     if done is None or not linears or not all(isinstance(lin, QuantLinear) for lin in linears):
         raise SpinQuantError("the model was not quantized by spinquant.quantize (no record of it on the model); "
                              "run spinquant.quantize first")
     specs = done.weight_specs() if done.weight.enabled else None
     kv = getattr(parts.layers[0].attention, "kv_quant", None)
     installed_ok = (all((lin.quantized is None) == (specs is None) for lin in linears)
-                    and all(lin.quantized.bits == specs[role].bits and lin.quantized.symmetric == specs[role].symmetric
-                            for role, lin in by_role if specs is not None)
+                    and all(lin.quantized.bits == layer_spec(specs, i, role).bits
+                            and lin.quantized.symmetric == specs[role].symmetric
+                            for i, role, lin in by_role if specs is not None)
                     and all(lin.act_quant.spec == done.act for lin in linears)
                     and bool(kv is not None and kv.rotate_qk) == done.r3
                     and all((layer.down.input_transform is not None) == done.r4 for layer in parts.layers))
