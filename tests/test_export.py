@@ -86,22 +86,35 @@ def test_compressed_tensors_round_trips_through_the_library(tmp_path, weight):
     assert (out / "tokenizer.json").is_file()
 
 
-def test_compressed_tensors_loads_in_transformers_and_matches(tmp_path):
-    """W4A16: transformers decompresses the weights, the library applies R4 from the stored matrix."""
-    from compressed_tensors.transform import TransformConfig, apply_transform_config
-    from safetensors.torch import load_file
-
-    model, tok = quantized(act_bits=16, kv_bits=16)
+def test_compressed_tensors_without_r4_runs_in_stock_transformers(tmp_path, capsys):
+    """Hadamard R1/R2 W4A16 quantized with --no-r4: plain from_pretrained, no step by hand, gives our logits
+    and our greedy continuation; the export has nothing to warn about."""
+    model, tok = quantized(act_bits=16, kv_bits=16, r3=False, r4=False)
     out = export_compressed_tensors(model, tok, tmp_path / "ct", dtype="float32")
+    assert "note" not in capsys.readouterr().err
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    if not hasattr(hf.model.layers[0].mlp.down_proj, "R4_input"):  # transformers without transform_config support
-        q = json.loads((out / "config.json").read_text())["quantization_config"]
-        apply_transform_config(hf, TransformConfig.model_validate(q["transform_config"]))
-        sd = load_file(str(out / "model.safetensors"))
-        hf.load_state_dict({k: v for k, v in sd.items() if "R4_input" in k}, strict=False)
     ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids).logits, atol=1e-4)
+        greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(hf.generate(ids[:1], **greedy), model.generate(ids[:1], **greedy))
+
+
+def test_compressed_tensors_with_r4_says_what_readers_drop_and_loads_with_our_helper(tmp_path, capsys):
+    """R4 and KV4: the export prints one note per thing a reader will not run (R4 in transformers, the K/V
+    quantization) and keeps them in config.json; load_compressed_tensors adds R4, giving our A16 logits."""
+    from spinquant.export import load_compressed_tensors
+
+    model, tok = quantized(act_bits=16, kv_bits=4)
+    out = export_compressed_tensors(model, tok, tmp_path / "ct", dtype="float32")
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spinquant: note:")]
+    assert len(notes) == 2 and "R4" in notes[0] and "transformers" in notes[0] and "K4/V4" in notes[1]
+    assert len(json.loads((out / "config.json").read_text())["spinquant_export"]["reader_notes"]) == 2
+    hf = load_compressed_tensors(out)
+    model_a16, _ = quantized(act_bits=16, kv_bits=16)  # what the reader computes: the cache in float
+    ids = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model_a16(ids).logits, atol=1e-4)
 
 
 def test_compressed_tensors_from_a_saved_checkpoint_keeps_r4(tmp_path):

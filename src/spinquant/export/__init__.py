@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import RotationMode
 from ..errors import SpinQuantError
-from .compressed_tensors import export_compressed_tensors
+from .compressed_tensors import export_compressed_tensors, load_compressed_tensors
 from .gguf import WEIGHT_TYPES, export_gguf
 from .rotations import export_rotations
 from .source import ExportSource, as_source, source_from_checkpoint, source_from_model
@@ -85,6 +85,20 @@ def check_request(request: ExportRequest, cfg: Any = None) -> None:
         raise SpinQuantError("compressed-tensors export needs quantized weights; use --w-bits 2-8")
 
 
-__all__ = ["DTYPE_CHOICES", "FORMATS", "WEIGHT_TYPES", "ExportRequest", "ExportSource", "as_source", "check_request",
-           "export", "export_compressed_tensors", "export_gguf", "export_rotations", "run_export",
-           "source_from_checkpoint", "source_from_model"]
+__all__ = [
+    "DTYPE_CHOICES",
+    "FORMATS",
+    "WEIGHT_TYPES",
+    "ExportRequest",
+    "ExportSource",
+    "as_source",
+    "check_request",
+    "export",
+    "export_compressed_tensors",
+    "export_gguf",
+    "export_rotations",
+    "load_compressed_tensors",
+    "run_export",
+    "source_from_checkpoint",
+    "source_from_model",
+]

@@ -1,5 +1,10 @@
 """Export as a compressed-tensors checkpoint (the format vLLM and `transformers` load): pack-quantized weights.
 
+transformers (5.x) decompresses the weights but does not apply `transform_config`: a model with R4 needs vLLM
+or `load_compressed_tensors`; one quantized with --no-r4 runs in stock transformers. The export prints what a
+reader will not run (R4 for transformers, the K/V quantization, the activation clip) and keeps the list in
+config.json.
+
 Layout of OUT (a Hugging Face model folder):
     config.json        the model's config (untied) with `quantization_config` in the compressed-tensors schema:
                        one config group targeting the decoder linears, `format: pack-quantized`, channel or group
@@ -19,6 +24,7 @@ the cache in float or fp8 computes the same function without it).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +173,43 @@ def export_metadata(src: ExportSource) -> dict:
             "not_in_quantization_config": ["activation clip ratio", "K/V cache quantization and R3 (Q/K Hadamard)"]}
 
 
+def reader_notes(src: ExportSource) -> list[str]:
+    """What a reader of this folder will not run as spinquant does, one line each (printed at export)."""
+    notes = []
+    if src.r4:
+        notes.append("down_proj needs the online Hadamard R4 from transform_config: vLLM applies it, but "
+                     "transformers' from_pretrained does not (it reports R4_input weights as unexpected and "
+                     "generates garbage); load it with spinquant.export.load_compressed_tensors, or quantize "
+                     "with --no-r4 for a folder stock transformers runs")
+    if src.key.enabled or src.value.enabled:
+        notes.append(f"the K/V cache quantization (K{src.key.bits}/V{src.value.bits}) and R3 are dropped: "
+                     "readers keep the cache in float (R3 cancels in Q·Kᵀ)")
+    if src.act.enabled and src.act.clip_ratio < 1.0:
+        notes.append(f"the activation clip ratio {src.act.clip_ratio} is dropped: readers quantize activations "
+                     "over their full range")
+    return notes
+
+
+def load_compressed_tensors(path: str | Path, dtype: torch.dtype = torch.float32):
+    """transformers' from_pretrained on an export folder, plus what that does not do itself: the online R4
+    from `transform_config` (compressed-tensors' own transform modules, weights from the folder)."""
+    import transformers
+
+    path = Path(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    groups = json.loads((path / "config.json").read_text())["quantization_config"].get("transform_config")
+    applied = any(name.endswith(f".{R4_SCHEME}_input") for name, _ in model.named_modules())
+    if groups and not applied:  # this transformers does not apply transform_config: do it here
+        from compressed_tensors.transform import TransformConfig, apply_transform_config
+        from safetensors.torch import load_file
+
+        apply_transform_config(model, TransformConfig.model_validate(groups))
+        stored = load_file(str(path / "model.safetensors"))
+        model.load_state_dict({k: v.to(dtype) for k, v in stored.items() if f".{R4_SCHEME}_input." in k},
+                              strict=False)
+    return model
+
+
 def _save_tokenizer(src: ExportSource, out: Path) -> None:
     if src.tokenizer is not None:
         src.tokenizer.save_pretrained(str(out))
@@ -200,10 +243,12 @@ def export_compressed_tensors(model: Any, tokenizer: Any, out_dir: str | Path, d
 
         config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[src.model_type]]
     config["quantization_config"] = qconfig
-    config["spinquant_export"] = export_metadata(src)
+    config["spinquant_export"] = {**export_metadata(src), "reader_notes": reader_notes(src)}
     out_dir = Path(out_dir)
     with atomic_path(out_dir, overwrite=overwrite, directory=True) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         _save_tokenizer(src, tmp)
+    for note in config["spinquant_export"]["reader_notes"]:
+        print(f"spinquant: note: {note}", file=sys.stderr)
     return out_dir
