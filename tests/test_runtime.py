@@ -462,12 +462,31 @@ def saved_dir(tmp_path):
     return save_quantized(model, byte_tokenizer(), cfg, tmp_path / "q")
 
 
-def test_cli_generate(saved_dir, capsys):
+def test_cli_generate_echoes_the_prompt_and_reports_speed(saved_dir, capsys, monkeypatch):
+    """stdout: the prompt, its continuation, then (--json) the record; stderr: tokens and tokens/s; --threads
+    reaches torch."""
+    import torch
+
     from spinquant.cli import main
 
-    assert main(["generate", str(saved_dir), "hello", "--max-new-tokens", "5", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["new_tokens"] == 5
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["generate", str(saved_dir), "hello", "--max-new-tokens", "5", "--threads", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    *text, last = captured.out.strip().splitlines()
+    result = json.loads(last)
+    assert result["new_tokens"] == 5 and result["tokens_per_s"] > 0 and threads == [1]
+    assert "\n".join(text) == "hello" + result["text"]
+    assert "5 new tokens in" in captured.err and "tokens/s" in captured.err
+
+
+def test_generation_stops_at_an_end_of_turn_token():
+    from spinquant.runtime.generate import _eos_ids
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    model = tiny_model("llama", vocab_size=260)
+    assert _eos_ids(model, tok)[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_cli_chat_reads_lines_until_exit(saved_dir, capsys, monkeypatch):

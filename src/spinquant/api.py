@@ -307,7 +307,13 @@ def run_generate(model_name: str, prompt: str, max_new_tokens: int = 64, tempera
     torch.manual_seed(seed)
     model, tokenizer = load_model(model_name, verify=verify)
     check_new_tokens(model, max_new_tokens, "--max-new-tokens")
+    if stream:  # the prompt, then the continuation as it comes
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
     result = generate_text(model, tokenizer, prompt, max_new_tokens, temperature, out=sys.stdout if stream else None)
+    if stream:
+        rate = f", {result['tokens_per_s']:.1f} tokens/s" if result["tokens_per_s"] else ""
+        print(f"[{result['new_tokens']} new tokens in {result['seconds']:.2f} s{rate}]", file=sys.stderr)
     return {"model": model_name, **result}
 
 

@@ -108,6 +108,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep the model in CPU memory and move one decoder layer at a time to --device "
                         "(merge, weights, evaluation; for models bigger than the device)")
+    add_threads_arg(p)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive,
+                   help="CPU threads for tensor ops and kernels (default: one per core; on a machine busy with "
+                        "other work, fewer threads than cores can be much faster)")
 
 
 def add_verify_arg(p: argparse.ArgumentParser) -> None:
@@ -224,7 +231,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> RunConfig:
     """Flags → RunConfig (validated)."""
     cfg = RunConfig(model=a.model, seed=a.seed, device=getattr(a, "device", "auto"),
-                    offload=getattr(a, "offload", False), verify=not getattr(a, "no_verify", False))
+                    offload=getattr(a, "offload", False), verify=not getattr(a, "no_verify", False),
+                    threads=getattr(a, "threads", None))
     cfg.eval = replace(cfg.eval, data=a.eval_data, seq_len=a.seq_len, max_windows=a.max_windows)
     if getattr(a, "tasks", None):
         from .evaluation.lm_eval_bridge import check_tasks, parse_tasks
@@ -319,6 +327,7 @@ def build_parser(target: str | None = None) -> argparse.ArgumentParser:
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        add_threads_arg(g)
         add_verify_arg(g)
         g.set_defaults(eval_data="wikitext2", seq_len=2048, max_windows=16)  # unused; config_from_args reads them
 
@@ -372,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SpinQuantError(f"only 'quantize' runs under torchrun (it trains rotations on every process); "
                                  f"run '{args.command}' as a single process")
         cfg = config_from_args(args)
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
         result = COMMANDS[args.command](cfg, args)
     except SpinQuantError as e:
         print(f"spinquant: error: {e}", file=sys.stderr)

@@ -62,19 +62,26 @@ def _generate(model, tokenizer, input_ids: torch.Tensor, kwargs: dict, out: Text
             if streamer is not None:
                 streamer.end()
         else:
-            ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+            ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                 eos_token_id=list(_eos_ids(model, tokenizer)) or None, **kwargs)
             new = ids[0, input_ids.shape[1]:]
     seconds = time.perf_counter() - t
     return tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")  # chat templates' turn ends
+
+
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """Where generation stops: the model's end-of-sequence ids, plus any end-of-turn token its vocabulary has
+    (a chat reply ends there even where the config names only the end-of-text token)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+    return tuple(ids)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
