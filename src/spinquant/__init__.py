@@ -1,6 +1,6 @@
 """spinquant: learned-rotation (SpinQuant) 4-bit quantization of LLM weights, activations and KV cache."""
 
-from .api import quantize, run_compare, run_eval, run_quantize
+from .api import evaluate, quantize, run_compare, run_eval, run_quantize, save
 from .config import EvalConfig, GPTQConfig, QuantConfig, QuantSpec, RotationConfig, RunConfig, TrainConfig
 from .errors import SpinQuantError
 from .evaluation.scoring import perplexity
@@ -18,6 +18,7 @@ __all__ = [
     "SpinQuantError",
     "TrainConfig",
     "__version__",
+    "evaluate",
     "load",
     "load_model",
     "perplexity",
@@ -25,4 +26,5 @@ __all__ = [
     "run_compare",
     "run_eval",
     "run_quantize",
+    "save",
 ]

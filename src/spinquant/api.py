@@ -74,6 +74,24 @@ def quantize(model, tokenizer, cfg: RunConfig, progress: bool = True):
     return quantize_model(model, cfg, tokenizer, progress=progress)
 
 
+def evaluate(model, tokenizer, data: str = "wikitext2", max_windows: int | None = 16, seq_len: int = 2048,
+             progress: bool = True) -> float:
+    """Perplexity of `model` on the first `max_windows` windows of `seq_len` tokens of `data` (wikitext2 test
+    split, c4, or a text / JSONL file): the figure `spinquant quantize` and `eval` report."""
+    cfg = RunConfig()
+    cfg.eval = replace(cfg.eval, data=data, max_windows=max_windows, seq_len=seq_len)
+    cfg.eval.validate()
+    return perplexity(model, eval_windows(cfg, model, tokenizer), progress=progress)
+
+
+def save(model, tokenizer, path, cfg: RunConfig | None = None, overwrite: bool = False):
+    """Write a model quantized by `quantize` as a packed folder (4-bit codes, scales, tokenizer) that
+    `spinquant.load` and every CLI command read; an existing folder is kept unless overwrite=True."""
+    from .runtime.checkpoint import save_quantized
+
+    return save_quantized(model, tokenizer, cfg, path, overwrite=overwrite)
+
+
 def run_eval(cfg: RunConfig) -> dict:
     model, tokenizer = load_model(cfg.model, device=model_device(cfg), verify=cfg.verify)
     windows = eval_windows(cfg, model, tokenizer)
