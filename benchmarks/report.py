@@ -266,6 +266,28 @@ def size_section() -> str:
     ])
 
 
+def threads_section() -> str:
+    quiet, busy = load("threads_quiet"), load("threads_busy")
+    rows = []
+    for q, b in zip(quiet["rows"], busy["rows"]):
+        rows.append([q["kernel"], f"{q['s_1_threads']:.3f}", f"{q['s_2_threads']:.3f}",
+                     ratio(q["s_1_threads"], q["s_2_threads"]), f"{b['s_1_threads']:.3f}", f"{b['s_2_threads']:.3f}",
+                     ratio(b["s_1_threads"], b["s_2_threads"])])
+    return "\n".join([
+        "## Threads",
+        "",
+        table(["kernel", "quiet: 1 thread (s)", "2 threads (s)", "speed-up", "one core busy: 1 thread (s)",
+               "2 threads (s)", "speed-up"], rows),
+        "",
+        ("Median of 3 calls, SmolLM2 shapes, random weights (`benchmarks/bench_threads.py`). On a quiet machine a "
+         "second thread helps every kernel (nothing else ran; the load average still showed the runs before); with "
+         "another process on one core (`--busy`) it slows the tensor-op kernels 2.6-3.6x, GPTQ most. So the CLI now takes the cores that are idle at start (`threads.py`; "
+         "`--threads N` or OMP_NUM_THREADS to choose)."),
+        f"- quiet: {provenance(quiet)}",
+        f"- busy: {provenance(busy)}",
+    ])
+
+
 def exports_section() -> str:
     rec = load("gguf_llama_cpp")
     f16 = rec["llama_f16_ppl"]
@@ -391,7 +413,8 @@ The binaries land in `build/bin`, the `--bin` of the llama.cpp benchmarks."""
 
 
 def results_md() -> str:
-    sections = [HEADER, REPRODUCE, accuracy_section(), exactness_section(), speed_section(), size_section(), exports_section(),
+    sections = [HEADER, REPRODUCE, accuracy_section(), exactness_section(), speed_section(), size_section(), threads_section(),
+                exports_section(),
                 integrity_section(), decisions_section()]
     return "\n\n".join(sections) + "\n"
 

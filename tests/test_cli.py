@@ -202,3 +202,26 @@ def test_rotation_mode_is_one_enum_from_flag_to_saved_json():
     cfg.rotation.mode = "spin"
     with pytest.raises(SpinQuantError, match="rotation 'spin' is unknown; use none, hadamard, random, learned"):
         cfg.validate()
+
+
+def test_threads_default_to_the_idle_cores(monkeypatch):
+    """--threads N wins; without it the cores that other work leaves idle, at least 1, with a note when
+    that is fewer than all."""
+    from spinquant import threads
+
+    measured = threads.idle_cores(0.05)  # the real measure, on this machine
+    assert measured is None or 0 <= measured <= threads.os.cpu_count()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.pick_threads(None) == (None, None)  # the user's own setting stays
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1.2)
+    assert threads.pick_threads(3) == (3, None)
+    n, note = threads.pick_threads(None)
+    assert n == 1 and "1.2 of 4 cores idle" in note and "--threads" in note
+    monkeypatch.setattr(threads, "idle_cores", lambda: 0.1)
+    assert threads.pick_threads(None)[0] == 1
+    monkeypatch.setattr(threads, "idle_cores", lambda: 3.8)
+    assert threads.pick_threads(None) == (4, None)
+    monkeypatch.setattr(threads, "idle_cores", lambda: None)  # no /proc/stat: one per core
+    assert threads.pick_threads(None) == (4, None)

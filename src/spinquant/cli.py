@@ -22,6 +22,7 @@ from .config import (
 )
 from .errors import SpinQuantError
 from .evaluation.data import check_calibration_differs
+from .threads import pick_threads
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -113,8 +114,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive,
-                   help="CPU threads for tensor ops and kernels (default: one per core; on a machine busy with "
-                        "other work, fewer threads than cores can be much faster)")
+                   help="CPU threads for tensor ops and kernels (default: one per core that is idle at start: "
+                        "a thread on a core other work keeps busy slows every small op)")
 
 
 def add_verify_arg(p: argparse.ArgumentParser) -> None:
@@ -190,6 +191,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-seq-len", type=_positive, default=DEFAULTS.gptq.seq_len,
                    help="GPTQ calibration window length (tokens)")
     g.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
+    g.add_argument("--gptq-damp", type=float, default=DEFAULTS.gptq.damp,
+                   help="GPTQ damping: this fraction of the Hessian's mean diagonal is added to its diagonal")
     g.add_argument("--gptq-weighted-clip", action="store_true",
                    help="weigh the clip search's error by each input channel's mean square (an importance matrix)")
 
@@ -260,7 +263,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                         checkpoint_every=a.train_checkpoint_every or 0, resume=a.resume, loss=a.train_loss,
                         act_ste=a.train_ste, **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
-                       act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip)
+                       act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip,
+                       damp=a.gptq_damp)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()
@@ -381,10 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SpinQuantError(f"only 'quantize' runs under torchrun (it trains rotations on every process); "
                                  f"run '{args.command}' as a single process")
         cfg = config_from_args(args)
-        if cfg.threads:
+        threads, note = pick_threads(cfg.threads)
+        if note:
+            print(f"spinquant: {note}", file=sys.stderr)
+        if threads:
             import torch
 
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(threads)
         result = COMMANDS[args.command](cfg, args)
     except SpinQuantError as e:
         print(f"spinquant: error: {e}", file=sys.stderr)
