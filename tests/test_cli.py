@@ -150,6 +150,7 @@ def test_target_writes_the_gguf_recipe_in_one_command(files, capsys, tmp_path):
     cfg = config_from_args(a)
     assert (a.export, a.export_output, a.output, cfg.output) == ("gguf", "m.gguf", None, None)
     assert cfg.quant.weight.group_size == 64 and cfg.quant.weight.full_range and cfg.gptq.weighted_clip
+    assert cfg.gptq.act_order and cfg.gptq.damp == 0.1 and cfg.quant.weight_role_bits == {"down.0": 5}
     assert (cfg.quant.act.bits, cfg.quant.key.bits, cfg.rotation.mode.value) == (16, 16, "none")
     assert set(TARGETS) == {"gguf:Q4_0", "gguf:Q5_0"}
 
@@ -160,7 +161,8 @@ def test_target_writes_the_gguf_recipe_in_one_command(files, capsys, tmp_path):
                             "--target", "gguf:Q4_0", "--output", str(out)], capsys)
     assert code == 0, err
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
-    assert types["blk.0.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["blk.1.ffn_down.weight"] == types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["blk.0.ffn_down.weight"] == "Q5_0"  # the recipe's one wider ffn_down
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
     assert not (tmp_path / "m.gguf" / "config.json").exists()
 

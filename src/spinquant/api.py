@@ -293,8 +293,9 @@ def run_compare(cfg: RunConfig, methods: list[str], markdown: str | None = None,
 
 def runtime_model(model, cfg: RunConfig):
     """(the packed runtime model, checkpoint bytes) of a quantized model, or (model, None) where it stays in
-    fake quantization (--offload: layers stream to the device; the runtime model runs on the CPU only)."""
-    if cfg.offload:
+    fake quantization (--offload: layers stream to the device; the runtime model runs on the CPU only; per-layer
+    or per-role weight bits, which the packed format cannot hold: the same function, computed in float)."""
+    if cfg.offload or cfg.quant.weight_role_bits:
         return model, None
     from .runtime.checkpoint import freeze
 

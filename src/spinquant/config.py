@@ -240,13 +240,15 @@ TRAIN_PRESETS = {"paper": PAPER_TRAIN, "cpu": CPU_TRAIN}
 # `quantize --target`: the flags (argparse names) of the recipe that measured best for a serving format
 # (benchmarks/RESULTS.md, "GGUF"). Weights only, as llama.cpp computes activations itself; no online
 # Hadamards, which llama.cpp cannot run; no R1, which would split a tied model's one table in two; GPTQ in
-# groups of 32 on the format's own full-range grid, its scales fitted with the inputs' mean squares.
+# groups of 32 on the format's own full-range grid, its scales fitted with the inputs' mean squares, columns
+# in act order (static groups), damping 0.1. Q4_0 gives layer 0's ffn_down Q5_0 blocks, where llama.cpp's
+# imatrix Q4_0 gives its first n_layer/8 Q4_1 (the same bytes or more from 16 layers on).
 _GGUF_RECIPE = {"a_bits": 16, "kv_bits": 16, "no_r3": True, "no_r4": True, "rotation": "none", "w_group": 32,
-                "w_full_range": True, "weight_quant": "gptq", "gptq_weighted_clip": True, "export": "gguf", "gguf_type": "auto",
-                "gguf_tables": "Q8_0"}
+                "w_full_range": True, "weight_quant": "gptq", "gptq_weighted_clip": True, "gptq_act_order": True,
+                "gptq_damp": 0.1, "export": "gguf", "gguf_type": "auto", "gguf_tables": "Q8_0"}
 TARGETS = {
-    "gguf:Q4_0": {**_GGUF_RECIPE, "w_bits": 4},
-    "gguf:Q5_0": {**_GGUF_RECIPE, "w_bits": 5},
+    "gguf:Q4_0": {**_GGUF_RECIPE, "w_bits": 4, "w_bits_role": {"down.0": 5}},
+    "gguf:Q5_0": {**_GGUF_RECIPE, "w_bits": 5},  # the size of llama.cpp's Q4_K_M on SmolLM2
 }
 
 
