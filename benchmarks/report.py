@@ -281,7 +281,7 @@ def threads_section() -> str:
         "",
         ("Median of 3 calls, SmolLM2 shapes, random weights (`benchmarks/bench_threads.py`). On a quiet machine a "
          "second thread helps every kernel (nothing else ran; the load average still showed the runs before); with "
-         "another process on one core (`--busy`) it slows the tensor-op kernels 2.6-3.6x, GPTQ most. So the CLI now takes the cores that are idle at start (`threads.py`; "
+         "another process on one core (`--busy`) it slows the tensor-op kernels 2.6-3.6x, GPTQ most. So the CLI now takes the cores that are idle at start (`distributed.pick_threads`; "
          "`--threads N` or OMP_NUM_THREADS to choose)."),
         f"- quiet: {provenance(quiet)}",
         f"- busy: {provenance(busy)}",

@@ -209,7 +209,7 @@ def test_rotation_mode_is_one_enum_from_flag_to_saved_json():
 def test_threads_default_to_the_idle_cores(monkeypatch):
     """--threads N wins; without it the cores that other work leaves idle, at least 1, with a note when
     that is fewer than all."""
-    from spinquant import threads
+    from spinquant import distributed as threads
 
     measured = threads.idle_cores(0.05)  # the real measure, on this machine
     assert measured is None or 0 <= measured <= threads.os.cpu_count()

@@ -22,7 +22,6 @@ from .config import (
 )
 from .errors import SpinQuantError
 from .evaluation.data import check_calibration_differs
-from .threads import pick_threads
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -385,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpinQuantError(f"only 'quantize' runs under torchrun (it trains rotations on every process); "
                                  f"run '{args.command}' as a single process")
         cfg = config_from_args(args)
-        threads, note = pick_threads(cfg.threads)
-        if note:
+        threads, note = distributed.pick_threads(cfg.threads)
+        if note and sys.stderr.isatty():  # errors stay one line for scripts; people at a terminal see why
             print(f"spinquant: {note}", file=sys.stderr)
         if threads:
             import torch

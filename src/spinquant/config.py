@@ -298,7 +298,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # compute device: auto (CUDA when present), cpu, cuda, cuda:N
     offload: bool = False  # keep the model in CPU memory; decoder layers visit `device` one at a time
-    threads: int | None = None  # CPU intra-op threads; None: the CLI takes the cores idle at start (threads.py)
+    threads: int | None = None  # CPU intra-op threads; None: the CLI takes the cores idle at start (distributed.pick_threads)
     output: str | None = None
     overwrite: bool = False
     # Embedding / lm_head storage, applied by quantize_model and kept by the saver: int8 (per row), float16,
