@@ -288,6 +288,14 @@ def threads_section() -> str:
     ])
 
 
+def ct_transformers_line() -> str:
+    rec = load("ct_transformers")
+    return (f"compressed-tensors in stock transformers (`from_pretrained`, no step by hand): Hadamard R1/R2 W4A16 RTN "
+            f"SmolLM2 quantized with `--no-r3 --no-r4`, {rec['windows']} × 2048 WikiText-2 test: {rec['transformers_ppl']:.4f} "
+            f"against {rec['our_ppl']:.4f} in memory ({100 * rec['relative_difference']:+.2f} %); greedy continuation "
+            f"{'equal' if rec['greedy_equal'] else 'different'} ({rec['transformers']}). {provenance(rec)}")
+
+
 def exports_section() -> str:
     rec = load("gguf_llama_cpp")
     f16 = rec["llama_f16_ppl"]
@@ -309,19 +317,28 @@ def exports_section() -> str:
         gguf_vs_imatrix(),
         "",
         ("compressed-tensors: checked by `tests/test_export.py` on tiny models of every family (the library's "
-        "decompressor gives our dequantized weights exactly; transformers matches our W4A16 logits once R4 is "
-        "applied from the transform config)."),
+        "decompressor gives our dequantized weights exactly; stock transformers matches our W4A16 logits and greedy "
+        "text without R4, and `spinquant.export.load_compressed_tensors` with R4 applied from the transform config)."),
+        "",
+        ct_transformers_line(),
     ])
 
 
 def gguf_vs_imatrix() -> str:
     """Our GGUF files against llama.cpp's own quants made with an importance matrix (issue 17)."""
     targets = load("gguf_targets")
+    check = targets.get("transformers_check")
+    check_line = ("" if not check else
+                  f"\n\ntransformers reads the Q4_0 file (`gguf_file=`, dequantized to float): {check['transformers_ppl']:.3f} "
+                  f"in our measure (WikiText-2 test, 16 × 2048, every position scored) against {check['our_ppl']:.3f} for the "
+                  f"model in memory, {100 * abs(check['transformers_ppl'] / check['our_ppl'] - 1):.2f} % apart (the "
+                  f"in-memory model keeps the default int8 embedding table, the file a Q8_0 one). "
+                  f"Commands: `{check['our_command']}`; `{check['transformers_command']}`.")
     return "\n\n".join([
-        gguf_table("### `--target` files against llama.cpp's imatrix quants", [targets],
-                   ("All rows ran in one sitting, one after another, with nothing else running; still the speeds "
-                    "are not a comparison: llama.cpp's Q4_0 row ran at a half (prefill) to a quarter (decode) of the speed of ours, which uses the "
-                    "same block types, so this VM's speed moved several-fold within the sitting.")),
+        gguf_table("### `--target` files against llama.cpp's imatrix quants", [targets], targets["speed_note"])
+        + check_line,
+        gguf_table("#### Session 9's recipes (no act order, damping 0.01, no wider ffn_down)", [load("gguf_targets_s9")],
+                   "Speeds: llama.cpp's Q4_0 ran at a half to a quarter of ours, same block types: the VM moved."),
         gguf_table("#### Earlier candidates (session 8)", [load("gguf_vs_llama_cpp"), load("gguf_spinquant")],
                    "Speeds from these runs are not comparable: other jobs shared the 2 cores."),
     ])
@@ -442,8 +459,28 @@ def readme_block() -> str:
         f"{next(r['weights_bytes'] for r in vs['rows'] if r['config'] == 'w4a8') / next(r['weights_bytes'] for r in vs['rows'] if r['config'] == 'fp32') * 2:.2f}× "
         "the FP16 size."),
         gguf_sentence(),
+        targets_sentence(),
         END,
     ])
+
+
+def targets_sentence() -> str:
+    """Each --target file against the llama.cpp imatrix file of its size budget (issue 17)."""
+    rec = load("gguf_targets")
+    rows = {r["label"]: r for r in rec["rows"]}
+    texts = list(rec["chunks"])
+
+    def ppl(r):
+        return " / ".join(f"{r['llama_ppl'][t]:.2f}" for t in texts)
+
+    pairs = [(f"spinquant --target {t}", f"llama.cpp {q} + imatrix") for t, q in TARGET_BUDGETS]
+    parts = [f"`--target {ours.split()[-1]}` {rows[ours]['file_mib']:.1f} MiB {ppl(rows[ours])} against "
+             f"{theirs.removesuffix(' + imatrix')} with an importance matrix {rows[theirs]['file_mib']:.1f} MiB "
+             f"{ppl(rows[theirs])}" for ours, theirs in pairs if ours in rows and theirs in rows]
+    return (f"In llama.cpp's own perplexity ({' / '.join(texts)}): " + "; ".join(parts) + ".") if parts else ""
+
+
+TARGET_BUDGETS = (("gguf:Q4_0", "Q4_0"), ("gguf:Q5_0", "Q4_K_M"))  # our recipe, the llama.cpp file of its size
 
 
 def gguf_sentence() -> str:
