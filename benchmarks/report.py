@@ -268,6 +268,7 @@ def size_section() -> str:
 
 def threads_section() -> str:
     quiet, busy = load("threads_quiet"), load("threads_busy")
+    dq = busy["default_quantize"]
     rows = []
     for q, b in zip(quiet["rows"], busy["rows"]):
         rows.append([q["kernel"], f"{q['s_1_threads']:.3f}", f"{q['s_2_threads']:.3f}",
@@ -281,8 +282,12 @@ def threads_section() -> str:
         "",
         ("Median of 3 calls, SmolLM2 shapes, random weights (`benchmarks/bench_threads.py`). On a quiet machine a "
          "second thread helps every kernel (nothing else ran; the load average still showed the runs before); with "
-         "another process on one core (`--busy`) it slows the tensor-op kernels 2.6-3.6x, GPTQ most. So the CLI now takes the cores that are idle at start (`distributed.pick_threads`; "
-         "`--threads N` or OMP_NUM_THREADS to choose)."),
+         "another process on one core (`--busy`) it slows the tensor-op kernels 2.6-3.6x, GPTQ most. But the default "
+         f"RTN quantize beside a busy core ran {dq['threads_2']['wall_s']:.0f} s with 2 threads and "
+         f"{dq['auto_1_thread']['wall_s']:.0f} s with 1 (weights {dq['threads_2']['weights_s']:.0f} s against "
+         f"{dq['auto_1_thread']['weights_s']:.0f} s; commit {dq['commit']}): its native clip search scales even there. So "
+         "the default stays one thread per core; `--threads auto` takes the cores idle at start, for GPTQ and "
+         "training on a shared machine."),
         f"- quiet: {provenance(quiet)}",
         f"- busy: {provenance(busy)}",
     ])

@@ -206,24 +206,25 @@ def test_rotation_mode_is_one_enum_from_flag_to_saved_json():
         cfg.validate()
 
 
-def test_threads_default_to_the_idle_cores(monkeypatch):
-    """--threads N wins; without it the cores that other work leaves idle, at least 1, with a note when
-    that is fewer than all."""
+def test_threads_auto_takes_the_idle_cores(monkeypatch):
+    """--threads N wins; no flag keeps torch's choice; --threads auto (0) takes the cores that other work
+    leaves idle, at least 1, with a note when that is fewer than all."""
     from spinquant import distributed as threads
+    from spinquant.cli import parse_args
 
+    assert parse_args(["eval", "--threads", "auto"]).threads == 0 and parse_args(["eval"]).threads is None
     measured = threads.idle_cores(0.05)  # the real measure, on this machine
     assert measured is None or 0 <= measured <= threads.os.cpu_count()
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert threads.pick_threads(None) == (None, None)  # the user's own setting stays
-    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads, "idle_cores", lambda: 1.2)
-    assert threads.pick_threads(3) == (3, None)
-    n, note = threads.pick_threads(None)
+    assert threads.pick_threads(3) == (3, None) and threads.pick_threads(None) == (None, None)
+    n, note = threads.pick_threads(0)
     assert n == 1 and "1.2 of 4 cores idle" in note and "--threads" in note
     monkeypatch.setattr(threads, "idle_cores", lambda: 0.1)
-    assert threads.pick_threads(None)[0] == 1
+    assert threads.pick_threads(0)[0] == 1
     monkeypatch.setattr(threads, "idle_cores", lambda: 3.8)
-    assert threads.pick_threads(None) == (4, None)
+    assert threads.pick_threads(0) == (4, None)
     monkeypatch.setattr(threads, "idle_cores", lambda: None)  # no /proc/stat: one per core
-    assert threads.pick_threads(None) == (4, None)
+    assert threads.pick_threads(0) == (4, None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.pick_threads(0) == (None, None)  # the user's own setting stays

@@ -112,9 +112,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive,
-                   help="CPU threads for tensor ops and kernels (default: one per core that is idle at start: "
-                        "a thread on a core other work keeps busy slows every small op)")
+    p.add_argument("--threads", type=_threads, metavar="N|auto",
+                   help="CPU threads for tensor ops and kernels (default: one per core, or OMP_NUM_THREADS); auto: "
+                        "the cores idle at start, faster for GPTQ and training when other work shares the machine")
+
+
+def _threads(text: str) -> int:
+    """'auto' → 0 (RunConfig: the idle cores); else a positive count."""
+    return 0 if text.strip().lower() == "auto" else _positive(text)
 
 
 def add_verify_arg(p: argparse.ArgumentParser) -> None:

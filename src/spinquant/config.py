@@ -298,7 +298,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # compute device: auto (CUDA when present), cpu, cuda, cuda:N
     offload: bool = False  # keep the model in CPU memory; decoder layers visit `device` one at a time
-    threads: int | None = None  # CPU intra-op threads; None: the CLI takes the cores idle at start (distributed.pick_threads)
+    threads: int | None = None  # CPU intra-op threads; None: torch's (one per core); 0: the idle cores (CLI "auto")
     output: str | None = None
     overwrite: bool = False
     # Embedding / lm_head storage, applied by quantize_model and kept by the saver: int8 (per row), float16,
@@ -316,8 +316,8 @@ class RunConfig:
                 kind = None
             if kind not in ("cpu", "cuda"):  # meta, mps, xpu...: nothing here is written or tested for them
                 raise SpinQuantError(f"device {self.device!r} is not supported; use auto, cpu, cuda or cuda:N")
-        if self.threads is not None and self.threads < 1:
-            raise SpinQuantError(f"threads = {self.threads}: use 1 or more, or None for one per core")
+        if self.threads is not None and self.threads < 0:
+            raise SpinQuantError(f"threads = {self.threads}: use 1 or more, 0 for the idle cores, or None for one per core")
         if not 0 <= self.seed < 2**32:
             raise SpinQuantError(f"seed {self.seed} is out of range; use an integer from 0 to {2**32 - 1}")
         if self.tables not in TABLE_DTYPES:

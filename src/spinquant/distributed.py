@@ -18,8 +18,9 @@ torch/distributed/fsdp/_fully_shard/_fsdp_init.py), and frozen parameters need n
 
 Threads within a process (`pick_threads`, end of file): a second OpenMP thread on a core another process keeps
 busy stalls every parallel region of the many small ops in GPTQ and the clip search (3.6x slower for GPTQ on
-one linear here, benchmarks/bench_threads.py), so the CLI measures how busy the machine is for a moment and
-uses only the idle cores. (torchrun sets OMP_NUM_THREADS=1 per process, which is then kept.)
+one linear here, benchmarks/bench_threads.py), so the CLI can measure how busy the machine is for a moment and
+use only the idle cores when asked (`--threads auto`). Not by default: the default RTN run, whose native clip
+search scales even beside a busy core, measured 56 s with 2 threads and 72 s with 1 there.
 """
 
 from __future__ import annotations
@@ -201,11 +202,11 @@ def idle_cores(sample_s: float = 0.1) -> float | None:
 
 
 def pick_threads(requested: int | None) -> tuple[int | None, str | None]:
-    """(threads, a note for the user or None): `requested` when given; None (keep torch's) when the user
-    set OMP_NUM_THREADS; else one per usable core that is idle now (at least 1)."""
+    """(threads, a note for the user or None): `requested` when positive; None (keep torch's: one per core, or
+    OMP_NUM_THREADS) when None; with 0 ("auto") one per usable core that is idle now (at least 1)."""
     if requested:
         return requested, None
-    if os.environ.get("OMP_NUM_THREADS"):
+    if requested is None or os.environ.get("OMP_NUM_THREADS"):
         return None, None
     cores = usable_cores()
     idle = idle_cores()
