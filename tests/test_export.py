@@ -368,21 +368,26 @@ def test_gguf_keeps_one_table_for_a_tied_model_left_unrotated(tmp_path, rotation
     assert ("output.weight" in ts) == (rotation != "none")
 
 
+def weights_only_mixed(rotation: str, weight: QuantSpec, role_bits: dict[str, int], method: str):
+    """A tiny Llama quantized weights-only (no R3/R4, float tables) with other bits for some roles / layers."""
+    model = tiny_model("llama", vocab_size=260)
+    tok = bpe_tokenizer()
+    cfg = RunConfig()
+    cfg.rotation.mode, cfg.rotation.r3, cfg.rotation.r4, cfg.tables = rotation, False, False, "float32"
+    cfg.quant.weight, cfg.quant.weight_role_bits, cfg.quant.weight_method = weight, role_bits, method
+    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
+    cfg.gptq.samples, cfg.gptq.seq_len = 2, 16
+    quantize_model(model, cfg, tok, progress=False, calib_ids=torch.randint(0, 260, (2, 16)))
+    return model, tok
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_per_role_weight_bits_reach_the_codes_and_the_gguf_types(tmp_path, method):
     """--w-bits 5 --w-bits-role down=4,v=8: each linear is rounded on its own role's grid, GGUF auto writes
     each in the block type that holds its codes (Q5_0, Q4_0, Q8_0) unchanged, and the one-grid formats
     refuse the model in one line."""
-    model = tiny_model("llama", vocab_size=260)
-    tok = bpe_tokenizer()
-    cfg = RunConfig()
-    cfg.rotation.mode, cfg.rotation.r3, cfg.rotation.r4, cfg.tables = "hadamard", False, False, "float32"
-    cfg.quant.weight = QuantSpec(bits=5, symmetric=True, group_size=32, clip_search=True)
-    cfg.quant.weight_role_bits = {"down": 4, "v": 8}
-    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
-    cfg.quant.weight_method = method
-    cfg.gptq.samples, cfg.gptq.seq_len = 2, 16
-    quantize_model(model, cfg, tok, progress=False, calib_ids=torch.randint(0, 260, (2, 16)))
+    model, tok = weights_only_mixed("hadamard", QuantSpec(bits=5, symmetric=True, group_size=32, clip_search=True),
+                                    {"down": 4, "v": 8}, method)
     layer = model_parts(model).layers[0]
     assert {role: lin.quantized.bits for role, lin in layer.linears().items()} == {
         "q": 5, "k": 5, "v": 8, "o": 5, "gate": 5, "up": 5, "down": 4}
@@ -408,16 +413,8 @@ def spinquant_save(model, tok, path):
 def test_per_layer_weight_bits_reach_the_codes_and_the_gguf_types(tmp_path, method):
     """--w-bits-role down=4,down@1=8: layer 1's down_proj takes 8 bits, every other layer's 4; GPTQ and RTN
     round each on its own grid, the record check accepts it, and GGUF auto writes Q4_0 / Q8_0 blocks."""
-    model = tiny_model("llama", vocab_size=260)
-    tok = bpe_tokenizer()
-    cfg = RunConfig()
-    cfg.rotation.mode, cfg.tables = "none", "float32"
-    cfg.quant.weight = QuantSpec(bits=5, symmetric=True, group_size=32, full_range=True)
-    cfg.quant.weight_role_bits = {"down": 4, "down.1": 8}
-    cfg.quant.act = cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
-    cfg.quant.weight_method = method
-    cfg.gptq.samples, cfg.gptq.seq_len = 2, 16
-    quantize_model(model, cfg, tok, progress=False, calib_ids=torch.randint(0, 260, (2, 16)))
+    model, tok = weights_only_mixed("none", QuantSpec(bits=5, symmetric=True, group_size=32, full_range=True),
+                                    {"down": 4, "down.1": 8}, method)
     layers = model_parts(model).layers
     assert len(layers) >= 2
     assert [layer.down.quantized.bits for layer in layers] == [8 if i == 1 else 4 for i in range(len(layers))]
