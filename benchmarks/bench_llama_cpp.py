@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,23 @@ def bench(binary: Path, model: Path, prompt: int, decode: int, threads: int, rep
     for row in rows:
         kind = "prefill" if row["n_prompt"] > 0 else "decode"
         out[kind] = row["avg_ts"]
+    return out
+
+
+def interleaved_speeds(a: argparse.Namespace, models: list[Path]) -> list[dict]:
+    """Each file timed in `a.rounds` rounds, the order rotating per round, so a slow spell on a shared machine
+    falls on every file alike. Returns medians, the per-round figures, and the paired decode ratio to the first."""
+    per_round: list[list[dict]] = [[] for _ in models]
+    for r in range(a.rounds):
+        for i in [(r + k) % len(models) for k in range(len(models))]:
+            per_round[i].append(bench(a.bin, models[i], a.prompt_len, a.decode_tokens, a.threads, a.repeats))
+    out = []
+    for rounds in per_round:
+        ratios = [s["decode"] / first["decode"] for s, first in zip(rounds, per_round[0])]
+        out.append({"prefill_tok_s": statistics.median(s["prefill"] for s in rounds),
+                    "decode_tok_s": statistics.median(s["decode"] for s in rounds),
+                    "decode_vs_first": statistics.median(ratios),
+                    "rounds": rounds if a.rounds > 1 else None})
     return out
 
 
@@ -99,7 +117,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="llama-bench repetitions per call")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every file this many times, interleaved (A B C, B C A, ...), and report the median; "
+                        "on a shared machine, speed differences under ~20 %% need several rounds")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--chunks", type=int, default=16, help="WikiText-2 test chunks")
     p.add_argument("--c4-chunks", type=int, default=0, help="also score the first N chunks of the C4 sample")
@@ -119,8 +140,8 @@ def main() -> None:
             run([str(a.bin / "llama-imatrix"), "-m", str(f16), "-f", str(calibration_text(a.workdir, a.imatrix)),
                  "-c", str(a.ctx), "-b", str(a.ctx), "--chunks", str(a.imatrix_chunks), "--no-ppl",
                  "-t", str(max(a.threads, 1)), "-o", str(imatrix)])
-    texts = {"wikitext2": (WIKITEXT, a.chunks)}
-    if a.c4_chunks:
+    texts = {} if a.no_ppl else {"wikitext2": (WIKITEXT, a.chunks)}
+    if a.c4_chunks and not a.no_ppl:
         texts["c4"] = (calibration_text(a.workdir, "c4"), a.c4_chunks)
 
     files = []
@@ -135,29 +156,31 @@ def main() -> None:
         label, _, path = item.partition("=")
         files.append((label, "spinquant", Path(path)))
 
+    speeds = interleaved_speeds(a, [model for _, _, model in files])
     rows = []
-    for label, kind, model in files:
-        speed = bench(a.bin, model, a.prompt_len, a.decode_tokens, a.threads, a.repeats)
-        ppl = {} if a.no_ppl else {name: perplexity(a.bin, model, path, a.ctx, chunks, max(a.threads, 1))
+    for (label, kind, model), speed in zip(files, speeds):
+        ppl = {name: perplexity(a.bin, model, path, a.ctx, chunks, max(a.threads, 1))
                                    for name, (path, chunks) in texts.items()}
         size = model.stat().st_size
         rows.append({"label": label, "type": kind, "file": model.name, "file_mib": size / 2**20,
-                     "bits_per_weight": 8 * size / n_params(model), "prefill_tok_s": speed.get("prefill"),
-                     "decode_tok_s": speed.get("decode"), "llama_ppl": ppl})
+                     "bits_per_weight": 8 * size / n_params(model), **speed, "llama_ppl": ppl})
         print(rows[-1], file=sys.stderr, flush=True)
-    print(f"\nllama.cpp, {a.threads} thread(s), prompt {a.prompt_len}, decode {a.decode_tokens}, ppl in llama.cpp's "
-          f"measure: " + ", ".join(f"{n} {c} chunks of {a.ctx}" for n, (_, c) in texts.items()) + "\n")
-    print("| file | MiB | bits/weight | prefill tok/s | decode tok/s | " + " | ".join(texts) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(texts))
+    print(f"\nllama.cpp, {a.threads} thread(s), prompt {a.prompt_len}, decode {a.decode_tokens}"
+          + (", ppl in llama.cpp's measure: " if texts else "") + ", ".join(f"{n} {c} chunks of {a.ctx}" for n, (_, c) in texts.items()) + "\n")
+    if a.rounds > 1:
+        print(f"Speeds: median of {a.rounds} interleaved rounds; 'decode vs first' is the median of the per-round "
+              f"ratios to the first row's decode speed.\n")
+    print("| file | MiB | bits/weight | prefill tok/s | decode tok/s | decode vs first |" + "".join(f" {n} |" for n in texts))
+    print("|---|---|---|---|---|---|" + "---|" * len(texts))
     for r in rows:
         cells = [f"{r['llama_ppl'][n]:.2f}" if n in r["llama_ppl"] else "-" for n in texts]
         print(f"| {r['label']} | {r['file_mib']:.1f} | {r['bits_per_weight']:.2f} | {r['prefill_tok_s']:.0f} | "
-              f"{r['decode_tok_s']:.1f} | " + " | ".join(cells) + " |")
+              f"{r['decode_tok_s']:.1f} | {r['decode_vs_first']:.3f} |" + "".join(f" {c} |" for c in cells))
     if a.json:
         from record import write_record
 
         write_record(a.json, threads=a.threads, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
-                     ctx=a.ctx, chunks={n: c for n, (_, c) in texts.items()}, imatrix=a.imatrix,
+                     rounds=a.rounds, ctx=a.ctx, chunks={n: c for n, (_, c) in texts.items()}, imatrix=a.imatrix,
                      imatrix_chunks=imatrix_chunks(imatrix) if imatrix else None, rows=rows)
 
 
