@@ -107,3 +107,20 @@ def test_eight_bit_asymmetric_weight_codes_do_not_wrap():
     assert int(qt.codes.max()) > 127  # uses the upper half of the unsigned grid
     assert torch.allclose(qt.dequantize(), fake_quantize_weight(w, spec), atol=1e-6)
     assert (qt.dequantize() - w).abs().max() < 0.05
+
+
+def test_r2_alone_keeps_the_tied_table_and_the_norms():
+    """--no-r1: only v_proj / o_proj change, the norms keep their scales, a tied head stays the embedding."""
+    model = tiny_model("llama-tied", dtype=torch.float64)
+    ids = torch.randint(0, 96, (1, 16))
+    parts = model_parts(model)
+    norm = parts.layers[0].input_norm.weight.detach().clone()
+    q = parts.layers[0].q.weight.detach().clone()
+    with torch.no_grad():
+        ref = model(ids).logits
+        quantize_model(model, float_config("hadamard", r1=False, r3=False, r4=False), progress=False)
+        assert (model(ids).logits - ref).abs().max() <= 1e-6
+    parts = model_parts(model)
+    assert torch.equal(parts.lm_head.weight, parts.embedding.weight)
+    assert torch.equal(parts.layers[0].input_norm.weight, norm) and torch.equal(parts.layers[0].q.weight, q)
+    assert torch.equal(model.spinquant_rotations.r1, torch.eye(parts.hidden_size))

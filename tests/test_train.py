@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model
 
 from spinquant.config import QuantConfig, QuantSpec, RunConfig
+from spinquant.errors import SpinQuantError
 from spinquant.models import model_parts
 from spinquant.pipeline import quantize_model
 from spinquant.quant.install import install_modules
@@ -154,7 +155,6 @@ def test_rotation_files_round_trip_and_give_identical_logits(tmp_path, layout):
 
 
 def test_non_finite_loss_stops_with_clear_error():
-    from spinquant.errors import SpinQuantError
 
     model, parts = prepared("llama", torch.float32)
     with torch.no_grad():
@@ -209,7 +209,6 @@ def test_resumed_training_reaches_the_same_rotations(tmp_path, loss):
 
 
 def test_resume_refuses_a_foreign_file(tmp_path):
-    from spinquant.errors import SpinQuantError
 
     bad = tmp_path / "bad.ckpt"
     torch.save({"format": "something else"}, bad)
@@ -248,3 +247,28 @@ def test_gptq_runs_train_with_float_weights_unless_told_otherwise():
     assert training_weight_spec(cfg).bits == 16  # GPTQ places the weights itself
     cfg.train.for_gptq = False
     assert training_weight_spec(cfg).bits == 4
+
+
+def test_r2_alone_trains_r2_and_leaves_r1_the_identity(tmp_path):
+    """--no-r1 with weights the only quantizer (a GGUF target): the weight grid in the loop moves R2, R1
+    stays the identity, and a rotation file with a trained R1 is refused for such a run."""
+    model = tiny_model("llama-tied")
+    cfg = tiny_train_config(weight=QuantSpec(bits=4, group_size=16, clip_search=True), act=OFF, key=OFF, value=OFF)
+    cfg.quant.weight_method = "gptq"
+    cfg.train.for_gptq = False  # --train-weights grid
+    cfg.rotation.r1, cfg.rotation.r3, cfg.rotation.r4 = False, False, False
+    cfg.rotation.save_file = str(tmp_path / "r2.safetensors")
+    parts = model_parts(model)
+    init = make_rotations("learned", parts.hidden_size, parts.head_dim, len(parts.layers), r1=False)
+    report = quantize_model(model, cfg, progress=False, calib_ids=torch.randint(0, 96, (8, 16)))
+    assert report.train["first_loss"] > 0  # the quantized weights are in the loop (a float loop gives KL 0)
+    learned = model.spinquant_rotations
+    assert torch.equal(learned.r1, torch.eye(parts.hidden_size))
+    assert max((a - b.float()).abs().max().item() for a, b in zip(learned.r2, init.r2)) > 1e-4, "R2 did not move"
+    assert torch.equal(parts.lm_head.weight, parts.embedding.weight)
+
+    other = tmp_path / "r1.safetensors"
+    save_rotations(make_rotations("hadamard", parts.hidden_size, parts.head_dim, len(parts.layers)), other)
+    cfg.rotation.rotation_file, cfg.rotation.save_file = str(other), None
+    with pytest.raises(SpinQuantError, match="trained R1"):
+        quantize_model(tiny_model("llama-tied"), cfg, progress=False, calib_ids=torch.randint(0, 96, (8, 16)))

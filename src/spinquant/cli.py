@@ -203,6 +203,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("rotation")
     r.add_argument("--rotation", choices=[m.value for m in RotationMode], default=DEFAULTS.rotation.mode.value,
                    help="R1/R2: none, random Hadamard (QuaRot), random orthogonal, or learned (SpinQuant)")
+    r.add_argument("--no-r1", action="store_true",
+                   help="no R1 on the residual stream, R2 alone: norms stay unfused and a tied embedding stays "
+                        "one table (GGUF targets)")
     r.add_argument("--no-r3", action="store_true", help="no online Hadamard on Q/K (R3)")
     r.add_argument("--no-r4", action="store_true", help="no online Hadamard before down_proj (R4)")
     r.add_argument("--rotation-file", type=_path, help="with --rotation learned: load these rotations instead of training")
@@ -223,6 +226,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--train-ste", choices=STE_KINDS, default="identity",
                    help="gradient of the activation/KV quantizers where they clip: pass it through (identity) "
                         "or drop it (clipped)")
+    t.add_argument("--train-weights", choices=("auto", "float", "grid"), default="auto",
+                   help="weights inside the training loop: float (the paper's mode for GPTQ), grid (fake-"
+                        "quantized on the final grid; the only quantizer of a weights-only run), auto: float "
+                        "for GPTQ, grid for RTN")
     t.add_argument("--train-checkpoint", type=_path, help="keep the training state in this file (also on Ctrl-C or NaN)")
     t.add_argument("--train-checkpoint-every", type=_positive, help="write the checkpoint every N steps")
     t.add_argument("--resume", type=_path, help="continue training from this checkpoint (same model, data and seed)")
@@ -257,7 +264,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     )
     # compare picks each row's rotation from --methods; a --rotation-file there is the learned row's.
     mode = RotationMode.LEARNED if getattr(a, "methods", None) and a.rotation_file else a.rotation
-    cfg.rotation = replace(cfg.rotation, mode=mode, r3=not a.no_r3, r4=not a.no_r4,
+    cfg.rotation = replace(cfg.rotation, mode=mode, r1=not a.no_r1, r3=not a.no_r3, r4=not a.no_r4,
                            rotation_file=a.rotation_file, save_file=a.save_rotation)
     preset = dict(TRAIN_PRESETS[a.train_preset])
     for key, flag in (("steps", a.train_steps), ("seq_len", a.train_seq_len), ("batch", a.train_batch), ("lr", a.lr)):
@@ -265,7 +272,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             preset[key] = flag
     cfg.train = replace(cfg.train, calib_data=a.calib_data, checkpoint=a.train_checkpoint or a.resume,
                         checkpoint_every=a.train_checkpoint_every or 0, resume=a.resume, loss=a.train_loss,
-                        act_ste=a.train_ste, **preset)
+                        act_ste=a.train_ste, for_gptq={"auto": None, "float": True, "grid": False}[a.train_weights],
+                        **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
                        act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip,
                        damp=a.gptq_damp)

@@ -145,6 +145,9 @@ class RotationConfig:
     """R1/R2 (merged into weights) and the online Hadamards R3 (Q/K) and R4 (down_proj input)."""
 
     mode: RotationMode = RotationMode.HADAMARD
+    # R1 on the residual stream. Off: R2 alone, norms left unfused and a tied model's one table kept (what a
+    # weights-only GGUF target wants: llama.cpp then reads one table, not two).
+    r1: bool = True
     r3: bool = True
     r4: bool = True
     rotation_file: str | None = None  # with mode=learned: reuse saved rotations instead of training
@@ -208,6 +211,7 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
     for_gptq: bool | None = None  # weights in float during training (the paper's GPTQ mode); None: for GPTQ runs
+    # (False trains through the weight grid even for GPTQ: a weights-only target has no other quantizer)
     # "kl": match the float model's next-token distribution (a teacher forward per step, far more signal per
     # token than the labels); "ce": next-token cross-entropy on the labels, as in the paper.
     loss: Literal["kl", "ce"] = "kl"

@@ -40,7 +40,7 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
     """Fail before any work if a needed Hadamard size or a group size does not fit this model."""
     rot = cfg.rotation
     if rot.mode.needs_hadamard:
-        for what, n in (("hidden size", parts.hidden_size), ("head_dim", parts.head_dim)):
+        for what, n in ((("hidden size", parts.hidden_size),) if rot.r1 else ()) + (("head_dim", parts.head_dim),):
             if not is_hadamard_size(n):
                 raise SpinQuantError(
                     f"no Hadamard construction known for the {what} {n}; use --rotation random instead"
@@ -108,8 +108,11 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progres
     if rot.mode == RotationMode.LEARNED and rot.rotation_file:
         r = load_rotations(rot.rotation_file)
         r.check(parts.hidden_size, parts.head_dim, n_layers)
+        if not rot.r1 and not torch.equal(r.r1, torch.eye(parts.hidden_size, dtype=r.r1.dtype)):
+            raise SpinQuantError(f"{rot.rotation_file} holds a trained R1, and its R2 were learned with it; "
+                                 "drop --no-r1 to use the file, or train with --no-r1")
         return r
-    init = make_rotations(rot.mode, parts.hidden_size, parts.head_dim, n_layers, seed=cfg.seed)
+    init = make_rotations(rot.mode, parts.hidden_size, parts.head_dim, n_layers, seed=cfg.seed, r1=rot.r1)
     if rot.mode != RotationMode.LEARNED:
         return init
     from .training.loop import train_rotations
@@ -140,7 +143,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     report = QuantizeReport(rotation=cfg.rotation.mode, quant=cfg.quant.label, weight_method=cfg.quant.weight_method)
     rotated = cfg.rotation.mode.rotates
     t = time.perf_counter()
-    if rotated:
+    if rotated and cfg.rotation.r1:  # without R1 the norms stay and a tied table stays one table
         prepare(parts)
     install_modules(parts, r3=rotated and cfg.rotation.r3, r4=rotated and cfg.rotation.r4)
     report.seconds["prepare"] = time.perf_counter() - t
@@ -151,7 +154,8 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     if not distributed.is_main():
         return report  # under torchrun the other ranks only help train the rotations
     if rotations is not None:
-        merge_r1(parts, rotations.r1, stream)
+        if cfg.rotation.r1:
+            merge_r1(parts, rotations.r1, stream)
         merge_r2(parts, rotations.r2, stream)
         if cfg.rotation.save_file:
             from .rotation.sets import save_rotations

@@ -60,17 +60,18 @@ def check_orthogonal(name: str, r: torch.Tensor, fix: str) -> None:
 
 
 def make_rotations(
-    mode: RotationMode, hidden: int, head_dim: int, num_layers: int, seed: int = 0
+    mode: RotationMode, hidden: int, head_dim: int, num_layers: int, seed: int = 0, r1: bool = True
 ) -> Rotations | None:
     """Fixed rotations: random Hadamard (QuaRot-style, and learned ones' start) or Haar-random orthogonal.
-    None for RotationMode.NONE."""
+    None for RotationMode.NONE. r1=False: R1 is the identity (R2 alone)."""
     mode = RotationMode(mode)
     if not mode.rotates:
         return None
     gen = torch.Generator().manual_seed(seed)
     make = random_hadamard if mode.needs_hadamard else random_orthogonal
     # An impossible size raises HadamardSizeError, itself a SpinQuantError with the fix in its message.
-    return Rotations(make(hidden, generator=gen), [make(head_dim, generator=gen) for _ in range(num_layers)])
+    first = make(hidden, generator=gen) if r1 else torch.eye(hidden)
+    return Rotations(first, [make(head_dim, generator=gen) for _ in range(num_layers)])
 
 
 REFERENCE_R2 = re.compile(r"model\.layers\.(\d+)\.self_attn\.R2$")

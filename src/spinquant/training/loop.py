@@ -34,11 +34,15 @@ from .cayley import CayleySGD, lr_schedule
 
 
 class RotationParams(nn.Module):
-    """The trainable rotations: R1 and one R2 per layer."""
+    """The trainable rotations: R1 and one R2 per layer (R1 a fixed buffer when it is not trained)."""
 
-    def __init__(self, rotations: Rotations):
+    def __init__(self, rotations: Rotations, train_r1: bool = True):
         super().__init__()
-        self.r1 = nn.Parameter(rotations.r1.float().clone())
+        self.train_r1 = train_r1
+        if train_r1:
+            self.r1 = nn.Parameter(rotations.r1.float().clone())
+        else:
+            self.register_buffer("r1", rotations.r1.float().clone())
         self.r2 = nn.ParameterList(nn.Parameter(r.float().clone()) for r in rotations.r2)
 
     def export(self) -> Rotations:
@@ -62,16 +66,16 @@ class RotatedLinear(nn.Module):
         if dtype is not None:  # e.g. float64, to time the reference code's way (benchmarks/bench_train.py)
             w, b = w.to(dtype), None if b is None else b.to(dtype)
         # In the weight's dtype: a bf16 model rotates in bf16 (as autocast would), float32 ones are unchanged.
-        r1, r2, d = self.rot.r1.to(w.dtype), self.rot.r2[self.layer].to(w.dtype), self.head_dim
-        if self.role in ("q", "k", "gate", "up"):
+        r2, d = self.rot.r2[self.layer].to(w.dtype), self.head_dim
+        r1 = self.rot.r1.to(w.dtype) if self.rot.train_r1 else None  # a fixed R1 is the identity: skip it
+        if r1 is not None and self.role in ("q", "k", "v", "gate", "up"):
             w = rotate_in(w, r1)
-        elif self.role == "v":
-            w = rotate_heads_out(rotate_in(w, r1), r2, d)
+        if self.role == "v":
+            w = rotate_heads_out(w, r2, d)
             b = None if b is None else rotate_heads_out(b, r2, d)
         elif self.role == "o":
-            w = rotate_out(rotate_heads_in(w, r2, d), r1)
-            b = None if b is None else rotate_out(b, r1)
-        elif self.role == "down":
+            w = rotate_heads_in(w, r2, d)
+        if r1 is not None and self.role in ("o", "down"):
             w = rotate_out(w, r1)
             b = None if b is None else rotate_out(b, r1)
         return w, b
@@ -120,7 +124,7 @@ class _Installed:
                 layer.set(role, RotatedLinear(linear, role, rot, layer.index, parts.head_dim, weight_spec))
                 self.swaps.append((layer, role, linear))
         self.rotating = True  # off for the float teacher, whose rotations all cancel
-        self.hooks = [
+        self.hooks = [] if not rot.train_r1 else [  # a fixed R1 is the identity (--no-r1)
             parts.embedding.register_forward_hook(
                 lambda m, i, out: out @ rot.r1.to(out.dtype) if self.rotating else None),
             parts.lm_head.register_forward_pre_hook(
@@ -318,7 +322,7 @@ def train_rotations(parts: ModelParts, init: Rotations, cfg: RunConfig, calib_id
         parts = distributed.shard(parts, ctx)
     model = parts.model
     device = ctx.device if ctx is not None else next(model.parameters()).device
-    rot = RotationParams(init).to(device)
+    rot = RotationParams(init, train_r1=cfg.rotation.r1).to(device)
     wspec = training_weight_spec(cfg)
     installed = _Installed(parts, rot, wspec, gather=distributed.gather_fn(ctx), act_ste=training_act_ste(cfg))
     optimizer = CayleySGD(rot.parameters(), lr=tc.lr, momentum=tc.momentum)
