@@ -197,6 +197,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
     g.add_argument("--gptq-damp", type=float, default=DEFAULTS.gptq.damp,
                    help="GPTQ damping: this fraction of the Hessian's mean diagonal is added to its diagonal")
+    g.add_argument("--gptq-act-aware", action="store_true",
+                   help="fit each weight to the activation-quantized inputs it will multiply (GPTAQ): "
+                        "minimise |W x - Q(W) Q(x)| instead of |W x - Q(W) x|; for A < 16")
     g.add_argument("--gptq-weighted-clip", action="store_true",
                    help="weigh the clip search's error by each input channel's mean square (an importance matrix)")
 
@@ -276,7 +279,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                         **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
                        act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip,
-                       damp=a.gptq_damp)
+                       damp=a.gptq_damp, act_aware=a.gptq_act_aware)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()

@@ -265,6 +265,9 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = False
     weighted_clip: bool = False  # clip search weighted by the Hessian diagonal (gptq.gptq_quantize)
+    # Fit each weight to the activation-quantized inputs it will multiply (GPTAQ's asymmetric objective):
+    # gptq.gptq_quantize(cross=...); only linears whose input is quantized (A < 16) change.
+    act_aware: bool = False
 
     def validate(self) -> None:
         if self.samples <= 0 or self.seq_len <= 0:

@@ -172,7 +172,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
                 calib_ids = calibration_windows(cfg.gptq.calib_data, cfg, tokenizer, cfg.gptq.seq_len,
                                                 cfg.gptq.samples, "GPTQ calibration data")
             report.gptq = quantize_weights_gptq(parts, cfg.quant.weight_specs(), cfg.gptq, calib_ids,
-                                                progress=progress, stream=stream)
+                                                progress=progress, stream=stream, act=cfg.quant.act)
         else:
             quantize_weights_rtn(parts, cfg.quant.weight_specs(), progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t

@@ -39,9 +39,24 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         return self._h
 
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """2/n Σ x x̃ᵀ of the pairs given to `add` (None when none was): the float input against the
+        quantized one the weight will really multiply."""
+        return getattr(self, "_c", None)
+
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Add activations of shape [..., in_features] (leading dims are flattened into samples)."""
+    def add(self, x: torch.Tensor, exact: torch.Tensor | None = None) -> None:
+        """Add activations of shape [..., in_features] (leading dims are flattened into samples). With
+        `exact` (the same inputs before activation quantization, x being the quantized ones), also
+        accumulate the cross term for input-aware GPTQ (`gptq_quantize(cross=...)`)."""
+        if exact is not None:
+            e = exact.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
+            q = x.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
+            if not hasattr(self, "_c"):
+                self._c = torch.zeros_like(self._h)
+            total = self._n + e.shape[0]
+            self._c.mul_(self._n / total).addmm_(e.T, q, alpha=2.0 / total)
         if x.shape[-1] != self.in_features:
             raise SpinQuantError(
                 f"Hessian accumulator expects inputs with {self.in_features} features, got shape "
@@ -68,6 +83,9 @@ def hessian_hook(module: nn.Module, accumulator: HessianAccumulator) -> torch.ut
             accumulator.add(args[0])
 
     return module.register_forward_pre_hook(_pre_hook)
+
+
+FIT_DAMP = 1e-6  # relative ridge of the input-aware fit (only to keep a rank-deficient H solvable)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float, retries: int = 3) -> torch.Tensor | None:
@@ -102,6 +120,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     weighted_clip: bool = False,
+    cross: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize weight [out, in] with GPTQ given the input Hessian [in, in].
 
@@ -110,6 +129,11 @@ def gptq_quantize(
     group is still a run of consecutive original columns. weighted_clip: the clip search of each row or group
     weighs a column's error by its Hessian diagonal (the input's mean square, as llama.cpp's importance
     matrix weighs its scale search), so a weight that meets an outlier channel is not clipped like the rest.
+
+    cross (input-aware GPTQ, after GPTAQ): `hessian` is then that of the quantized inputs x̃ the weight will
+    multiply, and cross = 2/n Σ x x̃ᵀ against the float inputs x. GPTQ then minimises ‖W x − Ŵ x̃‖ rather
+    than ‖W x − Ŵ x‖: the weight W' = W·cross·H⁻¹ that best maps x̃ to the float output is found first (the
+    remaining error is orthogonal to x̃), and GPTQ rounds W' under H.
     """
     if weight.dim() != 2:
         raise SpinQuantError(f"GPTQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
@@ -144,6 +168,15 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
+    if cross is not None:  # least squares W' = W·C·(H + εI)⁻¹, solved as (H + εI)·W'ᵀ = Cᵀ·Wᵀ
+        c = cross.detach().to(device=device, dtype=torch.float64)
+        # A bare ridge: GPTQ's damping here would shrink W even where x̃ = x.
+        hd = h + FIT_DAMP * torch.diagonal(h).mean() * torch.eye(n_in, dtype=h.dtype, device=device)
+        fitted = torch.linalg.solve(hd, c.T @ w.double().T).T
+        if not torch.isfinite(fitted).all():
+            return _rtn_fallback(weight, spec, "the input-aware weight fit became non-finite")
+        w = fitted.float()
+        w[:, dead] = 0.0
     importance = torch.diagonal(h).float() if weighted_clip else None  # original column order
     # Per-channel and static-group parameters come from the whole (un-updated) weight, exactly as RTN.
     static = group_size is None or act_order

@@ -7,7 +7,9 @@ are pushed through the quantized layer to become the next layer's inputs.
 
 Hessian basis: the input the weight actually multiplies, i.e. after the QuantLinear's online transform
 (R4 for down_proj) and before its activation quantizer. Activation quantizers are configured after the
-weights in the pipeline, so they are off here anyway; the W16-activation Hessian is GPTQ's usual choice.
+weights in the pipeline, so they are off here and the next layer's inputs are computed in float; the
+W16-activation Hessian is GPTQ's usual choice. With `act` (GPTQConfig.act_aware) the Hessian is that of the
+inputs quantized by `act`, paired with the float ones (gptq.gptq_quantize's `cross`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..config import GPTQConfig, QuantSpec, layer_spec, weight_specs
 from ..errors import SpinQuantError
 from ..streaming import LayerStream
 from .gptq import HessianAccumulator, gptq_quantize
+from .quantizer import fake_quantize
 
 if TYPE_CHECKING:
     from ..models import ModelParts
@@ -127,9 +130,10 @@ class _GroupHessians:
     identical and the x·xᵀ sums are the main cost of calibration.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device: torch.device) -> None:
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device, act: QuantSpec | None = None) -> None:
         self.linears = linears
         self.device = device
+        self.act = act if act is not None and act.enabled else None  # input-aware: Hessians of Q(x)
         self.acc: dict[str, HessianAccumulator] = {}
         self.shares: dict[str, str] = {}  # role -> earlier role whose input is the same tensor
         self._seen: dict[str, torch.Tensor] = {}  # untransformed inputs seen in the current forward
@@ -160,7 +164,11 @@ class _GroupHessians:
             if role not in self.acc:
                 self.acc[role] = HessianAccumulator(x.shape[-1], device=self.device)
             # The weight multiplies the transformed input (R4 for down_proj): that is the GPTQ basis.
-            self.acc[role].add(transform(x) if transform is not None else x)
+            basis = transform(x) if transform is not None else x
+            if self.act is None:
+                self.acc[role].add(basis)
+            else:
+                self.acc[role].add(fake_quantize(basis, self.act), exact=basis)
             if transform is None:
                 self._seen[role] = x
         self._pending.discard(role)
@@ -174,6 +182,9 @@ class _GroupHessians:
 
     def hessian(self, role: str) -> torch.Tensor:
         return self.acc[self.shares.get(role, role)].hessian
+
+    def cross(self, role: str) -> torch.Tensor | None:
+        return self.acc[self.shares.get(role, role)].cross
 
     def close(self) -> None:
         for h in self._handles:
@@ -222,11 +233,12 @@ def quantize_weights_gptq(
     calib: torch.Tensor,
     progress: bool = True,
     stream: LayerStream | None = None,
+    act: QuantSpec | None = None,
 ) -> dict:
     """GPTQ every decoder linear of `parts` onto its grid (`spec`, or QuantConfig.weight_specs()'s dict), layer
     by layer, in place: weight ← dequantized codes and `linear.quantized` ← the codes, from the inputs that
     `calib` ([samples, seq_len] token ids, e.g. pipeline.calibration_windows) produces. `settings`: block size,
-    damping, act-order.
+    damping, act-order. act: the activation grid, used when settings.act_aware (input-aware GPTQ).
     Each layer visits the compute device through `stream` (default: where the model is) and goes back home.
 
     Returns {"seconds", "samples", "seq_len", "layers"}.
@@ -257,7 +269,8 @@ def quantize_weights_gptq(
             with stream.visit(layer) as home:
                 linears = layer.linears()
                 for group in GROUPS:
-                    hessians = _GroupHessians({role: linears[role] for role in group}, device)
+                    hessians = _GroupHessians({role: linears[role] for role in group}, device,
+                                              act if settings.act_aware else None)
                     try:
                         _run_layer(layer.module, inputs, args, kwargs, device, hessians=hessians)
                         for role in group:
@@ -270,6 +283,7 @@ def quantize_weights_gptq(
                                 damp=settings.damp,
                                 act_order=settings.act_order,
                                 weighted_clip=settings.weighted_clip,
+                                cross=hessians.cross(role),
                             )
                             linear.weight.data = qt.dequantize(linear.weight.dtype)
                             linear.quantized = qt.to(home)
