@@ -70,10 +70,21 @@ def provenance(rec: dict) -> str:
 
 # --- accuracy ---------------------------------------------------------------------------------------------
 
+ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_recipe")
+# GPTQ options a row's flags may carry, as the weights column names them
+GPTQ_TAGS = (("--gptq-act-order", "act order"), ("--gptq-weighted-clip", "weighted clip"),
+             ("--gptq-damp 0.1", "damping 0.1"), ("--gptq-act-aware", "act-aware"))
+
+
+def weights_label(r: dict) -> str:
+    tags = [tag for flag, tag in GPTQ_TAGS if flag in r.get("flags", "")]
+    return ", ".join([r["weights"], *([f"groups of {r['w_group']}"] if r.get("w_group") else []), *tags])
+
+
 def accuracy_rows() -> tuple[dict[str, float], list[dict]]:
     """(FP perplexity per text, every quantized recipe's row), each row tagged with its record."""
     rows, fp = [], {}
-    for name in ("accuracy_rtn", "accuracy_learned", "gptq"):
+    for name in ACCURACY_RECORDS:
         rec = load(name)
         for r in rec["rows"]:
             if r["label"] == "FP":
@@ -96,7 +107,7 @@ def accuracy_table(fp: dict[str, float], rows: list[dict], with_record: bool = T
     out = [["FP", "–", "–", f2(fp["wikitext2"]), "1.00×", f2(fp.get("c4")), "–"]
            + (["accuracy_rtn"] if with_record else [])]
     for r in rows:
-        weights = r["weights"] + (f", groups of {r['w_group']}" if r.get("w_group") else "")
+        weights = weights_label(r)
         wiki = r["ppl"].get("wikitext2")
         out.append([r["label"], r["rotation"], weights, f2(wiki), ratio(wiki, fp["wikitext2"]), f2(r["ppl"].get("c4")),
                     r["tables"]] + ([r["record"]] if with_record else []))
@@ -133,6 +144,7 @@ def accuracy_section() -> str:
         (f"- accuracy_learned: {provenance(learned)} Rotations: 60 CPU-preset steps (KL, identity STE), "
         f"trained in session {training['rows'][1]['session']}."),
         f"- gptq: {provenance(gptq)}",
+        *(f"- {name}: {provenance(load(name))}" for name in ACCURACY_RECORDS[3:]),
         f"- learned_training: {provenance(training)}",
         "",
         "Learned rotations with RTN weights close "
