@@ -201,7 +201,7 @@ def test_input_aware_gptq_lowers_the_error_of_the_a4_model() -> None:
     cfg = gptq_config()
     cfg.quant.act = QuantSpec(bits=4, symmetric=False)
     ref_model = tiny_model("llama")
-    aware_settings = replace(cfg.gptq, act_aware=True)
+    aware_settings = replace(cfg.gptq, act_aware=1.0)
     errors = {}
     for name, settings, act in (("plain", cfg.gptq, cfg.quant.act), ("aware", aware_settings, cfg.quant.act),
                                 ("aware_a16", aware_settings, OFF)):

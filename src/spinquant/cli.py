@@ -197,9 +197,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns in order of decreasing Hessian diagonal")
     g.add_argument("--gptq-damp", type=float, default=DEFAULTS.gptq.damp,
                    help="GPTQ damping: this fraction of the Hessian's mean diagonal is added to its diagonal")
-    g.add_argument("--gptq-act-aware", action="store_true",
-                   help="fit each weight to the activation-quantized inputs it will multiply (GPTAQ): "
-                        "minimise |W x - Q(W) Q(x)| instead of |W x - Q(W) x|; for A < 16")
+    g.add_argument("--gptq-act-aware", type=float, nargs="?", const=1.0, default=DEFAULTS.gptq.act_aware,
+                   metavar="WEIGHT",
+                   help="fit each weight to the activation-quantized inputs it will multiply (GPTAQ): minimise "
+                        "WEIGHT*|W x - Q(W) Q(x)|^2 + (1-WEIGHT)*|W x - Q(W) x|^2 (alone: WEIGHT 1); for A < 16")
     g.add_argument("--gptq-weighted-clip", action="store_true",
                    help="weigh the clip search's error by each input channel's mean square (an importance matrix)")
 

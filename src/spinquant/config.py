@@ -265,15 +265,19 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = False
     weighted_clip: bool = False  # clip search weighted by the Hessian diagonal (gptq.gptq_quantize)
-    # Fit each weight to the activation-quantized inputs it will multiply (GPTAQ's asymmetric objective):
-    # gptq.gptq_quantize(cross=...); only linears whose input is quantized (A < 16) change.
-    act_aware: bool = False
+    # Fit each weight to the activation-quantized inputs it will multiply (GPTAQ's asymmetric objective),
+    # with this weight in [0, 1] against GPTQ's own float-input objective (0: off). Only linears whose input
+    # is quantized (A < 16) change. gptq_driver._GroupHessians mixes the two.
+    act_aware: float = 0.0
 
     def validate(self) -> None:
         if self.samples <= 0 or self.seq_len <= 0:
             raise SpinQuantError("--gptq-samples and --gptq-seq-len must be positive")
         if not 0 < self.damp < 1:
             raise SpinQuantError(f"GPTQ damping {self.damp} must be in (0, 1), e.g. 0.01")
+        if not 0 <= self.act_aware <= 1:
+            raise SpinQuantError(f"--gptq-act-aware {self.act_aware} must be in [0, 1] (1: all weight on the "
+                                 "quantized inputs)")
 
 
 @dataclass

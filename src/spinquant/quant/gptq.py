@@ -45,6 +45,11 @@ class HessianAccumulator:
         quantized one the weight will really multiply."""
         return getattr(self, "_c", None)
 
+    @property
+    def exact_hessian(self) -> torch.Tensor | None:
+        """2/n Σ x xᵀ of the float inputs of the pairs given to `add` (None when none was)."""
+        return getattr(self, "_he", None)
+
     @torch.no_grad()
     def add(self, x: torch.Tensor, exact: torch.Tensor | None = None) -> None:
         """Add activations of shape [..., in_features] (leading dims are flattened into samples). With
@@ -54,9 +59,10 @@ class HessianAccumulator:
             e = exact.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
             q = x.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
             if not hasattr(self, "_c"):
-                self._c = torch.zeros_like(self._h)
+                self._c, self._he = torch.zeros_like(self._h), torch.zeros_like(self._h)
             total = self._n + e.shape[0]
             self._c.mul_(self._n / total).addmm_(e.T, q, alpha=2.0 / total)
+            self._he.mul_(self._n / total).addmm_(e.T, e, alpha=2.0 / total)
         if x.shape[-1] != self.in_features:
             raise SpinQuantError(
                 f"Hessian accumulator expects inputs with {self.in_features} features, got shape "

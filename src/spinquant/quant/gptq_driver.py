@@ -8,8 +8,9 @@ are pushed through the quantized layer to become the next layer's inputs.
 Hessian basis: the input the weight actually multiplies, i.e. after the QuantLinear's online transform
 (R4 for down_proj) and before its activation quantizer. Activation quantizers are configured after the
 weights in the pipeline, so they are off here and the next layer's inputs are computed in float; the
-W16-activation Hessian is GPTQ's usual choice. With `act` (GPTQConfig.act_aware) the Hessian is that of the
-inputs quantized by `act`, paired with the float ones (gptq.gptq_quantize's `cross`).
+W16-activation Hessian is GPTQ's usual choice. With `act` and GPTQConfig.act_aware = α, GPTQ minimises
+α‖W x − Ŵ x̃‖² + (1 − α)‖W x − Ŵ x‖² (x̃: x quantized by `act`): the Hessian α·H̃ + (1 − α)·H and the cross
+term α·C + (1 − α)·H go to gptq.gptq_quantize.
 """
 
 from __future__ import annotations
@@ -130,10 +131,13 @@ class _GroupHessians:
     identical and the x·xᵀ sums are the main cost of calibration.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device: torch.device, act: QuantSpec | None = None) -> None:
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device, act: QuantSpec | None = None,
+                 aware: float = 0.0) -> None:
         self.linears = linears
         self.device = device
-        self.act = act if act is not None and act.enabled else None  # input-aware: Hessians of Q(x)
+        # input-aware: Hessians of Q(x) too, mixed with weight `aware`
+        self.act = act if act is not None and act.enabled and aware > 0 else None
+        self.aware = aware
         self.acc: dict[str, HessianAccumulator] = {}
         self.shares: dict[str, str] = {}  # role -> earlier role whose input is the same tensor
         self._seen: dict[str, torch.Tensor] = {}  # untransformed inputs seen in the current forward
@@ -181,10 +185,16 @@ class _GroupHessians:
         return sorted(self._pending)
 
     def hessian(self, role: str) -> torch.Tensor:
-        return self.acc[self.shares.get(role, role)].hessian
+        acc = self.acc[self.shares.get(role, role)]
+        if self.act is None:
+            return acc.hessian
+        return self.aware * acc.hessian + (1 - self.aware) * acc.exact_hessian
 
     def cross(self, role: str) -> torch.Tensor | None:
-        return self.acc[self.shares.get(role, role)].cross
+        acc = self.acc[self.shares.get(role, role)]
+        if self.act is None:
+            return None
+        return self.aware * acc.cross + (1 - self.aware) * acc.exact_hessian
 
     def close(self) -> None:
         for h in self._handles:
@@ -238,7 +248,7 @@ def quantize_weights_gptq(
     """GPTQ every decoder linear of `parts` onto its grid (`spec`, or QuantConfig.weight_specs()'s dict), layer
     by layer, in place: weight ← dequantized codes and `linear.quantized` ← the codes, from the inputs that
     `calib` ([samples, seq_len] token ids, e.g. pipeline.calibration_windows) produces. `settings`: block size,
-    damping, act-order. act: the activation grid, used when settings.act_aware (input-aware GPTQ).
+    damping, act-order. act: the activation grid, used when settings.act_aware > 0 (input-aware GPTQ).
     Each layer visits the compute device through `stream` (default: where the model is) and goes back home.
 
     Returns {"seconds", "samples", "seq_len", "layers"}.
@@ -269,8 +279,8 @@ def quantize_weights_gptq(
             with stream.visit(layer) as home:
                 linears = layer.linears()
                 for group in GROUPS:
-                    hessians = _GroupHessians({role: linears[role] for role in group}, device,
-                                              act if settings.act_aware else None)
+                    hessians = _GroupHessians({role: linears[role] for role in group}, device, act,
+                                              settings.act_aware)
                     try:
                         _run_layer(layer.module, inputs, args, kwargs, device, hessians=hessians)
                         for role in group:
