@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -70,14 +71,19 @@ def provenance(rec: dict) -> str:
 
 # --- accuracy ---------------------------------------------------------------------------------------------
 
-ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_recipe")
+ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_recipe", "accuracy_gptq_groups",
+                    "accuracy_gptq_aware")
 # GPTQ options a row's flags may carry, as the weights column names them
 GPTQ_TAGS = (("--gptq-act-order", "act order"), ("--gptq-weighted-clip", "weighted clip"),
-             ("--gptq-damp 0.1", "damping 0.1"), ("--gptq-act-aware", "act-aware"))
+             ("--gptq-damp 0.1", "damping 0.1"))
 
 
 def weights_label(r: dict) -> str:
-    tags = [tag for flag, tag in GPTQ_TAGS if flag in r.get("flags", "")]
+    flags = r.get("flags", "")
+    tags = [tag for flag, tag in GPTQ_TAGS if flag in flags]
+    aware = re.search(r"--gptq-act-aware(?: ([0-9.]+))?", flags)
+    if aware:
+        tags.append("act-aware" + (f" {aware.group(1)}" if aware.group(1) else ""))
     return ", ".join([r["weights"], *([f"groups of {r['w_group']}"] if r.get("w_group") else []), *tags])
 
 
