@@ -215,6 +215,7 @@ def test_threads_auto_takes_the_idle_cores(monkeypatch):
     assert parse_args(["eval", "--threads", "auto"]).threads == 0 and parse_args(["eval"]).threads is None
     measured = threads.idle_cores(0.05)  # the real measure, on this machine
     assert measured is None or 0 <= measured <= threads.os.cpu_count()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a set OMP_NUM_THREADS is the user's choice: kept
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads, "idle_cores", lambda: 1.2)
     assert threads.pick_threads(3) == (3, None) and threads.pick_threads(None) == (None, None)
