@@ -72,7 +72,7 @@ def provenance(rec: dict) -> str:
 # --- accuracy ---------------------------------------------------------------------------------------------
 
 ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_recipe", "accuracy_gptq_groups",
-                    "accuracy_gptq_aware")
+                    "accuracy_gptq_aware", "accuracy_gptq_aware05")
 # GPTQ options a row's flags may carry, as the weights column names them
 GPTQ_TAGS = (("--gptq-act-order", "act order"), ("--gptq-weighted-clip", "weighted clip"),
              ("--gptq-damp 0.1", "damping 0.1"))
@@ -152,6 +152,10 @@ def accuracy_section() -> str:
         f"- gptq: {provenance(gptq)}",
         *(f"- {name}: {provenance(load(name))}" for name in ACCURACY_RECORDS[3:]),
         f"- learned_training: {provenance(training)}",
+        "",
+        ("act-aware (`--gptq-act-aware WEIGHT`): GPTQ fits each weight to the activation-quantized inputs it will "
+         "multiply, with that weight against its usual float-input objective. At weight 1 it follows the "
+         "calibration domain (WikiText-2 down, C4 up); 0.5, the one other value tried, lowers both."),
         "",
         "Learned rotations with RTN weights close "
         + ", ".join(f"{100 * gap[label]['wikitext2']:.0f} % of Hadamard's gap to FP at {label} on WikiText-2"
