@@ -313,7 +313,18 @@ def threads_section() -> str:
          "training on a shared machine."),
         f"- quiet: {provenance(quiet)}",
         f"- busy: {provenance(busy)}",
+        "",
+        compare_wall_line(),
     ])
+
+
+def compare_wall_line() -> str:
+    rec = load("compare_wall")
+    b, a = rec["before"], rec["after"]
+    return (f"`{rec['command'].removeprefix('/usr/bin/time -v ')}` on a quiet machine: {a['wall_s'] / 60:.1f} min wall "
+            f"(quantization: rtn {a['quantize_s']['rtn']:.0f} s, hadamard {a['quantize_s']['hadamard']:.0f} s) against "
+            f"{b['wall_s'] / 60:.1f} min (rtn {b['quantize_s']['rtn']} s, hadamard {b['quantize_s']['hadamard']} s) in "
+            f"{b['source']}. {provenance(rec)}")
 
 
 def ct_transformers_line() -> str:
