@@ -26,6 +26,9 @@ class HessianAccumulator:
         # float64 by default: tokens number in the hundreds of thousands and float32 sums lose digits.
         self._h = torch.zeros(in_features, in_features, device=device, dtype=dtype)
         self._n = 0
+        # Input-aware pairs only (`add(x, exact=...)`): Σ x x̃ᵀ and Σ x xᵀ of the float inputs.
+        self._c: torch.Tensor | None = None
+        self._he: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -43,12 +46,12 @@ class HessianAccumulator:
     def cross(self) -> torch.Tensor | None:
         """2/n Σ x x̃ᵀ of the pairs given to `add` (None when none was): the float input against the
         quantized one the weight will really multiply."""
-        return getattr(self, "_c", None)
+        return self._c
 
     @property
     def exact_hessian(self) -> torch.Tensor | None:
         """2/n Σ x xᵀ of the float inputs of the pairs given to `add` (None when none was)."""
-        return getattr(self, "_he", None)
+        return self._he
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, exact: torch.Tensor | None = None) -> None:
@@ -58,7 +61,7 @@ class HessianAccumulator:
         if exact is not None:
             e = exact.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
             q = x.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
-            if not hasattr(self, "_c"):
+            if self._c is None:
                 self._c, self._he = torch.zeros_like(self._h), torch.zeros_like(self._h)
             total = self._n + e.shape[0]
             self._c.mul_(self._n / total).addmm_(e.T, q, alpha=2.0 / total)
