@@ -160,7 +160,7 @@ def main() -> None:
     rows = []
     for (label, kind, model), speed in zip(files, speeds):
         ppl = {name: perplexity(a.bin, model, path, a.ctx, chunks, max(a.threads, 1))
-                                   for name, (path, chunks) in texts.items()}
+               for name, (path, chunks) in texts.items()}
         size = model.stat().st_size
         rows.append({"label": label, "type": kind, "file": model.name, "file_mib": size / 2**20,
                      "bits_per_weight": 8 * size / n_params(model), **speed, "llama_ppl": ppl})

@@ -40,7 +40,8 @@ def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
     """Fail before any work if a needed Hadamard size or a group size does not fit this model."""
     rot = cfg.rotation
     if rot.mode.needs_hadamard:
-        for what, n in ((("hidden size", parts.hidden_size),) if rot.r1 else ()) + (("head_dim", parts.head_dim),):
+        sizes = [("hidden size", parts.hidden_size)] if rot.r1 else []  # R1 is hidden x hidden
+        for what, n in [*sizes, ("head_dim", parts.head_dim)]:
             if not is_hadamard_size(n):
                 raise SpinQuantError(
                     f"no Hadamard construction known for the {what} {n}; use --rotation random instead"

@@ -58,28 +58,27 @@ class HessianAccumulator:
         """Add activations of shape [..., in_features] (leading dims are flattened into samples). With
         `exact` (the same inputs before activation quantization, x being the quantized ones), also
         accumulate the cross term for input-aware GPTQ (`gptq_quantize(cross=...)`)."""
-        if exact is not None:
-            e = exact.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
-            q = x.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
-            if self._c is None:
-                self._c, self._he = torch.zeros_like(self._h), torch.zeros_like(self._h)
-            total = self._n + e.shape[0]
-            self._c.mul_(self._n / total).addmm_(e.T, q, alpha=2.0 / total)
-            self._he.mul_(self._n / total).addmm_(e.T, e, alpha=2.0 / total)
-        if x.shape[-1] != self.in_features:
-            raise SpinQuantError(
-                f"Hessian accumulator expects inputs with {self.in_features} features, got shape "
-                f"{tuple(x.shape)}; hook the linear whose in_features is {x.shape[-1]}"
-            )
+        for t in (x,) if exact is None else (x, exact):
+            if t.shape[-1] != self.in_features:
+                raise SpinQuantError(
+                    f"Hessian accumulator expects inputs with {self.in_features} features, got shape "
+                    f"{tuple(t.shape)}; hook the linear whose in_features is {t.shape[-1]}"
+                )
         x = x.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype)
         m = x.shape[0]
         if m == 0:
             return
         total = self._n + m
-        # Rescale the old average instead of keeping a raw sum, so H stays O(1) in magnitude.
-        self._h.mul_(self._n / total)
-        x = x * (2.0 / total) ** 0.5
-        self._h.addmm_(x.T, x)
+        # Rescale the old averages instead of keeping raw sums, so they stay O(1) in magnitude.
+        keep, root = self._n / total, (2.0 / total) ** 0.5
+        x = x * root
+        self._h.mul_(keep).addmm_(x.T, x)
+        if exact is not None:
+            e = exact.detach().reshape(-1, self.in_features).to(device=self._h.device, dtype=self._h.dtype) * root
+            if self._c is None:
+                self._c, self._he = torch.zeros_like(self._h), torch.zeros_like(self._h)
+            self._c.mul_(keep).addmm_(e.T, x)
+            self._he.mul_(keep).addmm_(e.T, e)
         self._n = total
 
 

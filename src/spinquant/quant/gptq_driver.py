@@ -186,15 +186,15 @@ class _GroupHessians:
 
     def hessian(self, role: str) -> torch.Tensor:
         acc = self.acc[self.shares.get(role, role)]
-        if self.act is None:
-            return acc.hessian
-        return self.aware * acc.hessian + (1 - self.aware) * acc.exact_hessian
+        return acc.hessian if self.act is None else self._mix(acc.hessian, acc.exact_hessian)
 
     def cross(self, role: str) -> torch.Tensor | None:
         acc = self.acc[self.shares.get(role, role)]
-        if self.act is None:
-            return None
-        return self.aware * acc.cross + (1 - self.aware) * acc.exact_hessian
+        return None if self.act is None else self._mix(acc.cross, acc.exact_hessian)
+
+    def _mix(self, quantized_term: torch.Tensor, float_term: torch.Tensor) -> torch.Tensor:
+        """α·(term of the quantized inputs) + (1 − α)·(the float inputs' Hessian), α = `aware`."""
+        return self.aware * quantized_term + (1 - self.aware) * float_term
 
     def close(self) -> None:
         for h in self._handles:
