@@ -83,7 +83,8 @@ def weights_label(r: dict) -> str:
     tags = [tag for flag, tag in GPTQ_TAGS if flag in flags]
     aware = re.search(r"--gptq-act-aware(?: ([0-9.]+))?", flags)
     if aware:
-        tags.append("act-aware" + (f" {aware.group(1)}" if aware.group(1) else ""))
+        tags.append("act-aware" + (f" {aware.group(1)}" if aware.group(1) else "")
+                    + (" to float targets" if "--gptq-float-targets" in flags else ""))
     return ", ".join([r["weights"], *([f"groups of {r['w_group']}"] if r.get("w_group") else []), *tags])
 
 

@@ -201,6 +201,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    metavar="WEIGHT",
                    help="fit each weight to the activation-quantized inputs it will multiply (GPTAQ): minimise "
                         "WEIGHT*|W x - Q(W) Q(x)|^2 + (1-WEIGHT)*|W x - Q(W) x|^2 (alone: WEIGHT 1); for A < 16")
+    g.add_argument("--gptq-float-targets", action="store_true",
+                   help="with --gptq-act-aware: x is the float model's input to the same linear (a second "
+                        "stream of calibration inputs), so the weights also undo the error of the quantized "
+                        "layers before them; works at A16 too")
     g.add_argument("--gptq-weighted-clip", action="store_true",
                    help="weigh the clip search's error by each input channel's mean square (an importance matrix)")
 
@@ -280,7 +284,8 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                         **preset)
     cfg.gptq = replace(cfg.gptq, calib_data=a.calib_data, samples=a.gptq_samples, seq_len=a.gptq_seq_len,
                        act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip,
-                       damp=a.gptq_damp, act_aware=a.gptq_act_aware)
+                       damp=a.gptq_damp, act_aware=a.gptq_act_aware,
+                       float_targets=a.gptq_float_targets)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()

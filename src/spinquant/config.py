@@ -266,9 +266,12 @@ class GPTQConfig:
     act_order: bool = False
     weighted_clip: bool = False  # clip search weighted by the Hessian diagonal (gptq.gptq_quantize)
     # Fit each weight to the activation-quantized inputs it will multiply (GPTAQ's asymmetric objective),
-    # with this weight in [0, 1] against GPTQ's own float-input objective (0: off). Only linears whose input
-    # is quantized (A < 16) change. gptq_driver._GroupHessians mixes the two.
+    # with this weight in [0, 1] against GPTQ's own float-input objective (0: off). Without float_targets only
+    # linears whose input is quantized (A < 16) change. gptq_driver._GroupHessians mixes the two.
     act_aware: float = 0.0
+    # The inputs that term fits to are the float model's (a second calibration stream; GPTAQ), not the same
+    # inputs before activation quantization: the quantized layers' error upstream is then fitted out too.
+    float_targets: bool = False
 
     def validate(self) -> None:
         if self.samples <= 0 or self.seq_len <= 0:
@@ -278,6 +281,9 @@ class GPTQConfig:
         if not 0 <= self.act_aware <= 1:
             raise SpinQuantError(f"--gptq-act-aware {self.act_aware} must be in [0, 1] (1: all weight on the "
                                  "quantized inputs)")
+        if self.float_targets and self.act_aware == 0:
+            raise SpinQuantError("--gptq-float-targets sets what --gptq-act-aware fits to; give it a weight "
+                                 "too, e.g. --gptq-act-aware 0.5")
 
 
 @dataclass

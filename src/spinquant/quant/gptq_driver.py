@@ -11,12 +11,19 @@ weights in the pipeline, so they are off here and the next layer's inputs are co
 W16-activation Hessian is GPTQ's usual choice. With `act` and GPTQConfig.act_aware = α, GPTQ minimises
 α‖W x − Ŵ x̃‖² + (1 − α)‖W x − Ŵ x‖² (x̃: x quantized by `act`): the Hessian α·H̃ + (1 − α)·H and the cross
 term α·C + (1 − α)·H go to gptq.gptq_quantize.
+
+With GPTQConfig.float_targets (GPTAQ's asymmetric calibration), x in that objective is the input the float
+model gives the same linear, carried as a second stream of layer inputs beside the quantized model's:
+the weights then also undo the error the quantized layers before them left in their inputs. The float
+pass of a layer runs its float weights, swapped in for the pass and out again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -132,15 +139,22 @@ class _GroupHessians:
     """
 
     def __init__(self, linears: dict[str, nn.Module], device: torch.device, act: QuantSpec | None = None,
-                 aware: float = 0.0) -> None:
+                 aware: float = 0.0, float_targets: bool = False) -> None:
         self.linears = linears
         self.device = device
-        # input-aware: Hessians of Q(x) too, mixed with weight `aware`
-        self.act = act if act is not None and act.enabled and aware > 0 else None
+        act = act if act is not None and act.enabled else None
+        # input-aware: pairs (what the weight will multiply, what it should have multiplied), mixed with
+        # weight `aware`; the second is the float model's input with float_targets, else the same input
+        # before activation quantization.
+        self.paired = aware > 0 and (act is not None or float_targets)
+        self.act = act if self.paired else None
         self.aware = aware
+        self.float_targets = float_targets and self.paired
         self.acc: dict[str, HessianAccumulator] = {}
         self.shares: dict[str, str] = {}  # role -> earlier role whose input is the same tensor
         self._seen: dict[str, torch.Tensor] = {}  # untransformed inputs seen in the current forward
+        self._targets: dict[str, torch.Tensor] = {}  # float model's inputs of this sample, by role
+        self.recording_targets = False  # the current forward is the float model's
         self._pending: set[str] = set(linears)
         self._handles = [
             m.register_forward_pre_hook(partial(self._hook, role)) for role, m in linears.items()
@@ -165,14 +179,18 @@ class _GroupHessians:
                     "the decoder layer's forward is not deterministic"
                 )
         else:
-            if role not in self.acc:
-                self.acc[role] = HessianAccumulator(x.shape[-1], device=self.device)
             # The weight multiplies the transformed input (R4 for down_proj): that is the GPTQ basis.
             basis = transform(x) if transform is not None else x
-            if self.act is None:
-                self.acc[role].add(basis)
+            if self.recording_targets:
+                self._targets[role] = basis
             else:
-                self.acc[role].add(fake_quantize(basis, self.act), exact=basis)
+                if role not in self.acc:
+                    self.acc[role] = HessianAccumulator(x.shape[-1], device=self.device)
+                quantized = fake_quantize(basis, self.act) if self.act is not None else basis
+                if not self.paired:
+                    self.acc[role].add(basis)
+                else:
+                    self.acc[role].add(quantized, exact=self._targets.pop(role) if self.float_targets else basis)
             if transform is None:
                 self._seen[role] = x
         self._pending.discard(role)
@@ -186,11 +204,11 @@ class _GroupHessians:
 
     def hessian(self, role: str) -> torch.Tensor:
         acc = self.acc[self.shares.get(role, role)]
-        return acc.hessian if self.act is None else self._mix(acc.hessian, acc.exact_hessian)
+        return acc.hessian if not self.paired else self._mix(acc.hessian, acc.exact_hessian)
 
     def cross(self, role: str) -> torch.Tensor | None:
         acc = self.acc[self.shares.get(role, role)]
-        return None if self.act is None else self._mix(acc.cross, acc.exact_hessian)
+        return None if not self.paired else self._mix(acc.cross, acc.exact_hessian)
 
     def _mix(self, quantized_term: torch.Tensor, float_term: torch.Tensor) -> torch.Tensor:
         """α·(term of the quantized inputs) + (1 − α)·(the float inputs' Hessian), α = `aware`."""
@@ -202,37 +220,75 @@ class _GroupHessians:
         self._handles.clear()
         self.acc.clear()
         self._seen.clear()
+        self._targets.clear()
+
+
+@contextmanager
+def _float_weights(linears: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The layer as the float model has it, for one pass: float weights in, codes out, then back."""
+    kept = {role: (m.weight.data, getattr(m, "quantized", None)) for role, m in linears.items()}
+    try:
+        for role, m in linears.items():
+            m.weight.data = weights[role]
+            if hasattr(m, "quantized"):
+                m.quantized = None
+        yield
+    finally:
+        for role, m in linears.items():
+            m.weight.data, quantized = kept[role]
+            if hasattr(m, "quantized"):
+                m.quantized = quantized
 
 
 @torch.no_grad()
 def _run_layer(
     layer: nn.Module,
-    inputs: _LayerInputs,
+    hidden: torch.Tensor,
     args: tuple,
     kwargs: dict,
     device: torch.device,
     outputs: torch.Tensor | None = None,
     hessians: _GroupHessians | None = None,
+    targets: tuple[torch.Tensor, Callable[[], AbstractContextManager]] | None = None,
 ) -> None:
-    """Push every calibration sample through `layer` (args / kwargs already on `device`).
+    """Push every calibration sample of `hidden` ([n, L, hidden], CPU) through `layer` (args / kwargs
+    already on `device`).
 
     With `outputs`, store each sample's output there (CPU); with `hessians`, each pass is expected to be
-    cut short by the hook once the group's inputs have been seen.
+    cut short by the hook once the group's inputs have been seen. `targets` (the float model's layer inputs,
+    and a context that gives the layer its float weights): before each sample, the float model's pass over
+    it records the inputs that sample's pairs are fitted to.
     """
-    for i in range(inputs.hidden.shape[0]):
+    for i in range(hidden.shape[0]):
+        if hessians is not None and targets is not None:
+            float_hidden, float_layer = targets
+            hessians.begin()
+            hessians.recording_targets = True
+            try:
+                with float_layer():
+                    _forward(layer, float_hidden[i : i + 1].to(device), args, kwargs, hessians)
+            finally:
+                hessians.recording_targets = False
         if hessians is not None:
             hessians.begin()
-        try:
-            out = layer(inputs.hidden[i : i + 1].to(device), *args, **kwargs)
-        except _StopForward:
-            continue
-        if hessians is not None:
-            raise SpinQuantError(
-                f"the decoder layer never called {', '.join(hessians.missing())}; check the model adapter"
-            )
+        out = _forward(layer, hidden[i : i + 1].to(device), args, kwargs, hessians)
         if outputs is not None:
             out = out[0] if isinstance(out, (tuple, list)) else out
             outputs[i] = out[0].to(outputs.device, outputs.dtype)
+
+
+def _forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
+             hessians: _GroupHessians | None) -> Any:
+    """The layer's output, or None when the Hessian hook cut the pass short (as it must, with `hessians`)."""
+    try:
+        out = layer(x, *args, **kwargs)
+    except _StopForward:
+        return None
+    if hessians is not None:
+        raise SpinQuantError(
+            f"the decoder layer never called {', '.join(hessians.missing())}; check the model adapter"
+        )
+    return out
 
 
 @torch.no_grad()
@@ -271,18 +327,25 @@ def quantize_weights_gptq(
         inputs = capture_layer_inputs(parts, ids)
         args = _to_device(inputs.args, device)
         kwargs = _to_device(inputs.kwargs, device)
-        outputs = torch.empty_like(inputs.hidden)
+        hidden, outputs = inputs.hidden, torch.empty_like(inputs.hidden)
+        # The float model's stream (float_targets): both start from the same embeddings.
+        float_targets = settings.float_targets and settings.act_aware > 0
+        float_hidden = hidden.clone() if float_targets else None
+        float_outputs = torch.empty_like(hidden) if float_targets else None
         n_layers = len(parts.layers)
         for index, layer in enumerate(
             tqdm(parts.layers, desc="GPTQ layers", disable=None if progress else True, leave=False)
         ):
             with stream.visit(layer) as home:
                 linears = layer.linears()
+                float_w = {role: m.weight.data for role, m in linears.items()}  # replaced, never changed in place
+                float_layer = partial(_float_weights, linears, float_w)
+                targets = (float_hidden, float_layer) if float_targets else None
                 for group in GROUPS:
                     hessians = _GroupHessians({role: linears[role] for role in group}, device, act,
-                                              settings.act_aware)
+                                              settings.act_aware, float_targets)
                     try:
-                        _run_layer(layer.module, inputs, args, kwargs, device, hessians=hessians)
+                        _run_layer(layer.module, hidden, args, kwargs, device, hessians=hessians, targets=targets)
                         for role in group:
                             linear = linears[role]
                             qt = gptq_quantize(
@@ -300,8 +363,12 @@ def quantize_weights_gptq(
                     finally:
                         hessians.close()
                 if index + 1 < n_layers:  # the last layer's outputs feed nothing GPTQ needs
-                    _run_layer(layer.module, inputs, args, kwargs, device, outputs=outputs)
-                    inputs.hidden, outputs = outputs, inputs.hidden
+                    _run_layer(layer.module, hidden, args, kwargs, device, outputs=outputs)
+                    hidden, outputs = outputs, hidden
+                    if float_targets:
+                        with float_layer():
+                            _run_layer(layer.module, float_hidden, args, kwargs, device, outputs=float_outputs)
+                        float_hidden, float_outputs = float_outputs, float_hidden
     finally:
         model.train(was_training)
     return {
