@@ -6,7 +6,8 @@
 
 A row's flags go through the CLI's own parser (`cli.config_from_args`), so a row is exactly what
 `spinquant quantize <flags>` runs and the record keeps those flags. The model loads once; each row quantizes
-a fresh copy. Rows print as they finish; --json writes the record RESULTS.md is generated from.
+a fresh copy. Rows print as they finish; --json writes the record RESULTS.md is generated from. --tasks
+adds zero-shot accuracy of each row's model (first --task-limit items, with binomial standard errors).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ import torch
 
 from spinquant.cli import config_from_args, parse_args
 from spinquant.evaluation.data import load_text, tokenize_windows
+from spinquant.evaluation.lm_eval_bridge import (
+    check_tasks,
+    evaluate_tasks,
+    main_metric,
+    parse_tasks,
+    standard_error,
+)
 from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
@@ -49,6 +57,8 @@ def main() -> None:
     p.add_argument("--eval", default="wikitext2:16", help="texts and window counts, e.g. wikitext2:16,c4:4")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--tasks", default="", help="also zero-shot tasks per row, e.g. piqa,arc_easy,hellaswag")
+    p.add_argument("--task-limit", type=int, default=500, help="first N items of each task (0 = all)")
     p.add_argument("--json", type=Path, help="write the record here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -59,10 +69,22 @@ def main() -> None:
     print(f"# {a.model}, {', '.join(f'{k} {len(v)}×{a.seq_len}' for k, v in texts.items())}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
+    tasks = check_tasks(parse_tasks(a.tasks)) if a.tasks else ()
+
+    def zero_shot(m) -> dict:
+        """{"tasks": {task: {metrics, "n", "stderr"}}, "eval_tasks_s"} of the row's model (none asked: {})."""
+        if not tasks:
+            return {}
+        t = time.perf_counter()
+        res = evaluate_tasks(m, tok, list(tasks), limit=a.task_limit or None, progress=False)
+        for task, r in res.items():
+            r["stderr"] = standard_error(r[main_metric(task)], int(r.get("n") or 0))
+        return {"tasks": res, "eval_tasks_s": round(time.perf_counter() - t, 1)}
+
     rows = []
     if a.fp:
         rows.append({"flags": None, "label": "FP", "rotation": "-", "weights": "-",
-                     "ppl": {k: perplexity(model, w, progress=False) for k, w in texts.items()}})
+                     "ppl": {k: perplexity(model, w, progress=False) for k, w in texts.items()}, **zero_shot(model)})
         print(rows[-1], flush=True)
     for flags, cfg in rows_cfg:
         m = copy.deepcopy(model)
@@ -73,7 +95,7 @@ def main() -> None:
                      "weights": cfg.quant.weight_method, "w_group": cfg.quant.weight.group_size,
                      "tables": cfg.tables, "quantize_s": round(seconds, 1),
                      "weights_s": round(report.seconds.get("weights", 0.0), 1),
-                     "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}})
+                     "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}, **zero_shot(m)})
         print(rows[-1], flush=True)
         del m
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -89,7 +111,8 @@ def main() -> None:
         from record import write_record
 
         write_record(a.json, model=a.model, threads=torch.get_num_threads(), seq_len=a.seq_len,
-                     eval_windows={k: len(v) for k, v in texts.items()}, peak_rss_gb=round(peak_gb, 2), rows=rows)
+                     eval_windows={k: len(v) for k, v in texts.items()}, peak_rss_gb=round(peak_gb, 2), rows=rows,
+                     **({"task_limit": a.task_limit or None} if tasks else {}))
 
 
 if __name__ == "__main__":

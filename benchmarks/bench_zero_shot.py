@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -27,13 +26,10 @@ from spinquant.evaluation.lm_eval_bridge import (
     evaluate_tasks,
     main_metric,
     parse_tasks,
+    standard_error,
 )
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
-
-
-def stderr(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
 def table(rows: list[dict], tasks: list[str]) -> str:
@@ -77,7 +73,7 @@ def main() -> None:
         t = time.perf_counter()
         res = evaluate_tasks(m, tok, tasks, limit=limit, batch_size=a.batch_size, progress=False)
         for task, r in res.items():
-            r["stderr"] = stderr(r[main_metric(task)], int(r.get("n", 0)))
+            r["stderr"] = standard_error(r[main_metric(task)], int(r.get("n", 0)))
         rows.append({"flags": flags, "label": "FP" if cfg is None else cfg.quant.label, "tasks": res,
                      "avg": average_accuracy(res), "quantize_s": round(quantize_s, 1),
                      "eval_s": round(time.perf_counter() - t, 1)})

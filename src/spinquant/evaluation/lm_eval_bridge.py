@@ -9,6 +9,7 @@ model in its `HFLM` and downloads the task's data set on first use. The eight ta
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from ..errors import SpinQuantError
@@ -142,6 +143,11 @@ def average_accuracy(results: dict[str, dict[str, float]]) -> float | None:
     """Mean of each task's main metric (the paper's 'zero-shot avg')."""
     values = [r[main_metric(t)] for t, r in results.items() if r.get(main_metric(t)) is not None]
     return sum(values) / len(values) if values else None
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error sqrt(p(1-p)/n) of an accuracy p over n items (nan for none)."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
 def check_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
