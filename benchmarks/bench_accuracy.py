@@ -95,6 +95,7 @@ def main() -> None:
                      "weights": cfg.quant.weight_method, "w_group": cfg.quant.weight.group_size,
                      "tables": cfg.tables, "quantize_s": round(seconds, 1),
                      "weights_s": round(report.seconds.get("weights", 0.0), 1),
+                     "stages_s": {k: round(v, 1) for k, v in report.seconds.items()},
                      "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}, **zero_shot(m)})
         print(rows[-1], flush=True)
         del m
