@@ -73,7 +73,7 @@ def provenance(rec: dict) -> str:
 
 ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_recipe", "accuracy_gptq_groups",
                     "accuracy_gptq_aware", "accuracy_gptq_aware05", "accuracy_gptq_groups_aware05",
-                    "accuracy_gptq_groups_w4a4_aware05")
+                    "accuracy_gptq_groups_w4a4_aware05", "accuracy_learned_groups_w4a4_aware05")
 # GPTQ options a row's flags may carry, as the weights column names them
 GPTQ_TAGS = (("--gptq-act-order", "act order"), ("--gptq-weighted-clip", "weighted clip"),
              ("--gptq-damp 0.1", "damping 0.1"))
@@ -178,6 +178,8 @@ def accuracy_section() -> str:
         "",
         f"Accuracy in %: PIQA and ARC-Easy acc, HellaSwag acc_norm. {provenance(zs)}",
         "",
+        *([zs18, ""] if (zs18 := recipe_zero_shot()) else []),
+        *([recipe_cost(), ""] if (RESULTS_DIR / "recipe_cost.json").exists() else []),
         "### Where the W4A4KV4 error sits",
         "",
         table(["switched back to float", f"WikiText-2 ({abl['eval_windows']['wikitext2']} windows)"],
@@ -186,6 +188,54 @@ def accuracy_section() -> str:
         provenance(abl),
     ]
     return "\n".join(parts)
+
+
+TASK_METRIC = {"piqa": "acc", "arc_easy": "acc", "hellaswag": "acc_norm"}  # lm_eval_bridge.main_metric's choice
+
+
+def recipe_zero_shot() -> str:
+    """Zero-shot accuracy (with standard errors) of the accuracy records' rows that ran tasks."""
+    found = [(name, load(name)) for name in ACCURACY_RECORDS]
+    rows = [(name, rec, r) for name, rec in found for r in rec["rows"] if r.get("tasks")]
+    if not rows:
+        return ""
+    tasks = list(rows[0][2]["tasks"])
+    out = []
+    for name, _, r in sorted(rows, key=lambda x: x[2]["flags"] is not None):
+        res = r["tasks"]
+        metric = {t: res[t][TASK_METRIC.get(t, "acc")] for t in tasks}
+        out.append([r["label"], "–" if r["flags"] is None else f"{r['rotation']}, {weights_label(r)}",
+                    *(f"{100 * metric[t]:.1f} ± {100 * res[t]['stderr']:.1f}" for t in tasks),
+                    f"{100 * sum(metric.values()) / len(tasks):.1f}", f2(r["ppl"].get("wikitext2")), name])
+    limits = sorted({rec.get("task_limit") for _, rec, _ in rows}, key=str)
+    return "\n".join([
+        "### Zero-shot of the best recipes",
+        "",
+        table(["bits", "recipe", *(f"{t} {TASK_METRIC.get(t, 'acc')}" for t in tasks), "avg", "WikiText-2",
+               "record"], out),
+        "",
+        (f"Accuracy in % ± one binomial standard error, first {' / '.join(map(str, limits))} items of each task "
+         "(the same items for every row), each row's model as it was quantized for the perplexities beside it."),
+    ])
+
+
+def recipe_cost() -> str:
+    rec = load("recipe_cost")
+    rows = [[r["flags"], r["label"], r["threads"], f"{r['quantize_s']:.0f}", f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}",
+             f"{r['peak_rss_gb']:.1f}", *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))]
+            for r in rec["rows"]]
+    return "\n".join([
+        "### Cost of each recipe",
+        "",
+        table(["recipe", "bits", "threads", "wall s", "GPTQ s", "rotate s", "peak RSS GB", "8B GPTQ h (proj.)",
+               "8B GPTQ GB (proj.)", "8B training h (proj.)"], rows),
+        "",
+        ("Measured on this CPU, one recipe per process (so the peak RSS is the recipe's, model load included); "
+         "'rotate' includes training for learned rotations. The 8B columns are projections, not runs: "
+         "benchmarks/recipe_cost.py counts each stage's FLOPs from the shapes of both models and scales the "
+         "measured seconds by their ratio (upper bounds: big matmuls run faster per FLOP), memory as float32 "
+         "weights + calibration streams + one layer's float64 Hessians. " + provenance(rec)),
+    ])
 
 
 def exactness_section() -> str:
