@@ -222,16 +222,17 @@ def recipe_zero_shot() -> str:
 
 def recipe_cost() -> str:
     rec = load("recipe_cost")
-    rows = [[r["flags"], r["label"], r["threads"], f"{r['quantize_s']:.0f}", f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}",
+    rows = [[r["flags"], r["label"], r["threads"], f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}", f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}",
              f"{r['peak_rss_gb']:.1f}", *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))]
             for r in rec["rows"]]
     return "\n".join([
         "### Cost of each recipe",
         "",
-        table(["recipe", "bits", "threads", "wall s", "GPTQ s", "rotate s", "peak RSS GB", "8B GPTQ h (proj.)",
+        table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "peak RSS GB", "8B GPTQ h (proj.)",
                "8B GPTQ GB (proj.)", "8B training h (proj.)"], rows),
         "",
-        ("Measured on this CPU, one recipe per process (so the peak RSS is the recipe's, model load included); "
+        ("Measured on this CPU, one recipe per process (so the peak RSS is the recipe's, model load included), "
+         "most beside one or two other runs on the 2 cores (the load at start says how busy); "
          "'rotate' includes training for learned rotations. The 8B columns are projections, not runs: "
          "benchmarks/recipe_cost.py counts each stage's FLOPs from the shapes of both models and scales the "
          "measured seconds by their ratio (upper bounds: big matmuls run faster per FLOP), memory as float32 "

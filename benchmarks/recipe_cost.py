@@ -1,0 +1,140 @@
+"""Wall time and peak memory of each accuracy recipe on this CPU, and what they project to at Llama-3-8B's shape.
+
+    python benchmarks/recipe_cost.py accuracy_gptq_groups_aware05 accuracy_gptq_groups_w4a4_aware05 \
+        --json benchmarks/results/recipe_cost.json
+
+Measured: each named record (benchmarks/results/NAME.json, written by bench_accuracy.py with one row per
+process, so the process's peak RSS is the recipe's) gives its quantization wall time, the part spent in GPTQ,
+the part spent rotating (training, for learned rotations), the threads and the peak resident memory.
+
+Projected, by bench_train.py's method (model FLOPs at the rate this run achieved): the recipe's FLOPs are
+counted from the shapes for both models and the measured seconds scaled by their ratio. GPTQ per decoder layer:
+the calibration forwards (2·N·T per pass: one per true-sequential group plus the output pass, twice with
+--gptq-float-targets), the Hessian sums (2·T·in² per distinct input, three sums with --gptq-act-aware), the
+inverse-Hessian factorisations (in³ per linear, twice with the input-aware fit) and the column updates
+(2·out·in² per linear). Training: 8·N per token and step (forward, backward, teacher forward). A big model
+runs its matmuls at a higher rate than SmolLM2's small ones, so the projected times are upper bounds for the
+same machine. Memory at 8B: float32 weights, the calibration streams and one layer's float64 Hessians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    kv: int  # key/value width: kv heads × head dim
+    intermediate: int
+    vocab: int
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of one layer's q, k, v, o, gate, up, down."""
+        h, kv, m = self.hidden, self.kv, self.intermediate
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
+
+    def hessian_inputs(self) -> list[int]:
+        """Distinct linear inputs of a layer (q/k/v and gate/up share theirs)."""
+        return [self.hidden, self.hidden, self.hidden, self.intermediate]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(i * o for i, o in self.linears())
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + 2 * self.vocab * self.hidden
+
+
+SMOLLM2 = Shape("SmolLM2-135M", 30, 576, 192, 1536, 49152)
+LLAMA3_8B = Shape("Llama-3-8B", 32, 4096, 1024, 14336, 128256)
+
+
+def gptq_flops(s: Shape, tokens: int, act_aware: bool, float_targets: bool) -> float:
+    passes = 5 * (2 if float_targets else 1)
+    per_layer = (passes * 2 * s.layer_params * tokens
+                 + sum(2 * tokens * i * i for i in s.hessian_inputs()) * (3 if act_aware else 1)
+                 + sum(i**3 for i, _ in s.linears()) * (2 if act_aware else 1)
+                 + sum(2 * o * i * i for i, o in s.linears()))
+    return s.layers * per_layer
+
+
+def train_flops(s: Shape, tokens_per_step: int, steps: int) -> float:
+    return 8 * (s.layers * s.layer_params + s.vocab * s.hidden) * tokens_per_step * steps
+
+
+def gptq_memory_gb(s: Shape, tokens: int, act_aware: bool, float_targets: bool) -> float:
+    weights = 4 * s.params
+    streams = (4 if float_targets else 2) * 4 * tokens * s.hidden  # inputs and outputs, per stream
+    hessians = (3 if act_aware else 1) * 8 * s.intermediate**2
+    return (weights + streams + hessians) / 2**30
+
+
+def flag(flags: str, name: str, default: float) -> float:
+    m = re.search(rf"{name}(?: ([0-9.]+))?", flags)
+    return default if m is None else float(m.group(1) or 1.0)
+
+
+def cost_row(name: str) -> dict:
+    rec = json.loads((RESULTS / f"{name}.json").read_text())
+    quantized = [r for r in rec["rows"] if r.get("flags")]
+    if len(quantized) != 1:
+        raise SystemExit(f"{name}: expected one quantized row per record (peak RSS is per process)")
+    r = quantized[0]
+    flags = r["flags"]
+    samples = int(flag(flags, "--gptq-samples", 128))
+    tokens = samples * int(flag(flags, "--gptq-seq-len", 2048))
+    aware = flag(flags, "--gptq-act-aware", 0.0) > 0
+    targets = "--gptq-float-targets" in flags
+    gptq_s = r.get("weights_s", 0.0)
+    rotate_s = r.get("stages_s", {}).get("rotate", r["quantize_s"] - gptq_s)
+    row = {"record": name, "label": r["label"], "flags": flags, "threads": rec.get("threads"),
+           "quantize_s": r["quantize_s"], "gptq_s": gptq_s, "rotate_s": round(rotate_s, 1),
+           "peak_rss_gb": rec.get("peak_rss_gb"), "load_at_start": rec["machine"]["load_avg_at_start"][0]}
+    if r.get("weights") == "gptq":
+        ratio = gptq_flops(LLAMA3_8B, tokens, aware, targets) / gptq_flops(SMOLLM2, tokens, aware, targets)
+        row["gptq_8b_h"] = round(gptq_s * ratio / 3600, 1)
+        row["gptq_8b_gb"] = round(gptq_memory_gb(LLAMA3_8B, tokens, aware, targets), 1)
+    if r.get("rotation") == "learned" and "--rotation-file" not in flags:
+        cpu_preset = 2 * 512, 60  # tokens per step, steps
+        ratio = train_flops(LLAMA3_8B, *cpu_preset) / train_flops(SMOLLM2, *cpu_preset)
+        row["train_8b_h"] = round(rotate_s * ratio / 3600, 1)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "peak RSS GB",
+            "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["flags"], r["label"], str(r["threads"]), f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}", f"{r['gptq_s']:.0f}",
+                 f"{r['rotate_s']:.0f}", f"{r['peak_rss_gb']:.1f}",
+                 *(f"{r[k]}" if k in r else "–" for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("records", nargs="+", help="bench_accuracy records in benchmarks/results (names, no .json)")
+    p.add_argument("--json", type=Path, help="write the record here")
+    a = p.parse_args()
+    rows = [cost_row(name) for name in a.records]
+    print(table(rows))
+    if a.json:
+        from record import write_record
+
+        write_record(a.json, rows=rows, shapes=[vars(SMOLLM2), vars(LLAMA3_8B)])
+
+
+if __name__ == "__main__":
+    main()
