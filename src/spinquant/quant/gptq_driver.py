@@ -187,10 +187,8 @@ class _GroupHessians:
                 if role not in self.acc:
                     self.acc[role] = HessianAccumulator(x.shape[-1], device=self.device)
                 quantized = fake_quantize(basis, self.act) if self.act is not None else basis
-                if not self.paired:
-                    self.acc[role].add(basis)
-                else:
-                    self.acc[role].add(quantized, exact=self._targets.pop(role) if self.float_targets else basis)
+                exact = None if not self.paired else self._targets.pop(role) if self.float_targets else basis
+                self.acc[role].add(quantized, exact=exact)
             if transform is None:
                 self._seen[role] = x
         self._pending.discard(role)
@@ -338,8 +336,9 @@ def quantize_weights_gptq(
         ):
             with stream.visit(layer) as home:
                 linears = layer.linears()
-                float_w = {role: m.weight.data for role, m in linears.items()}  # replaced, never changed in place
-                float_layer = partial(_float_weights, linears, float_w)
+                # The float weights are replaced by the quantized ones, never changed in place: keep references.
+                float_layer = (partial(_float_weights, linears, {role: m.weight.data for role, m in linears.items()})
+                               if float_targets else None)
                 targets = (float_hidden, float_layer) if float_targets else None
                 for group in GROUPS:
                     hessians = _GroupHessians({role: linears[role] for role in group}, device, act,
