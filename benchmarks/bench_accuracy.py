@@ -23,13 +23,7 @@ import torch
 
 from spinquant.cli import config_from_args, parse_args
 from spinquant.evaluation.data import load_text, tokenize_windows
-from spinquant.evaluation.lm_eval_bridge import (
-    check_tasks,
-    evaluate_tasks,
-    main_metric,
-    parse_tasks,
-    standard_error,
-)
+from spinquant.evaluation.lm_eval_bridge import add_standard_errors, check_tasks, evaluate_tasks, parse_tasks
 from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
@@ -76,9 +70,7 @@ def main() -> None:
         if not tasks:
             return {}
         t = time.perf_counter()
-        res = evaluate_tasks(m, tok, list(tasks), limit=a.task_limit or None, progress=False)
-        for task, r in res.items():
-            r["stderr"] = standard_error(r[main_metric(task)], int(r.get("n") or 0))
+        res = add_standard_errors(evaluate_tasks(m, tok, list(tasks), limit=a.task_limit or None, progress=False))
         return {"tasks": res, "eval_tasks_s": round(time.perf_counter() - t, 1)}
 
     rows = []

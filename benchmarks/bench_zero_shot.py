@@ -21,12 +21,12 @@ import torch
 from bench_accuracy import row_config
 
 from spinquant.evaluation.lm_eval_bridge import (
+    add_standard_errors,
     average_accuracy,
     check_tasks,
     evaluate_tasks,
     main_metric,
     parse_tasks,
-    standard_error,
 )
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
@@ -71,9 +71,8 @@ def main() -> None:
             quantize_model(m, cfg, tok, progress=False)
         quantize_s = time.perf_counter() - t
         t = time.perf_counter()
-        res = evaluate_tasks(m, tok, tasks, limit=limit, batch_size=a.batch_size, progress=False)
-        for task, r in res.items():
-            r["stderr"] = standard_error(r[main_metric(task)], int(r.get("n", 0)))
+        res = add_standard_errors(evaluate_tasks(m, tok, tasks, limit=limit, batch_size=a.batch_size,
+                                                 progress=False))
         rows.append({"flags": flags, "label": "FP" if cfg is None else cfg.quant.label, "tasks": res,
                      "avg": average_accuracy(res), "quantize_s": round(quantize_s, 1),
                      "eval_s": round(time.perf_counter() - t, 1)})

@@ -150,6 +150,13 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
+def add_standard_errors(results: dict[str, dict]) -> dict[str, dict]:
+    """`evaluate_tasks` results with each task's "stderr": the standard error of its main metric."""
+    for task, r in results.items():
+        r["stderr"] = standard_error(r[main_metric(task)], int(r.get("n") or 0))
+    return results
+
+
 def check_tasks(tasks: tuple[str, ...]) -> tuple[str, ...]:
     """Fail at once (not after quantizing) when tasks need lm-eval and it is not installed."""
     import importlib.util
