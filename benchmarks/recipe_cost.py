@@ -20,12 +20,11 @@ same machine. Memory at 8B: float32 weights, the calibration streams and one lay
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from report import cost_table, load
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def flag(flags: str, name: str, default: float) -> float:
 
 
 def cost_row(name: str) -> dict:
-    rec = json.loads((RESULTS / f"{name}.json").read_text())
+    rec = load(name)
     quantized = [r for r in rec["rows"] if r.get("flags")]
     if len(quantized) != 1:
         raise SystemExit(f"{name}: expected one quantized row per record (peak RSS is per process)")
@@ -111,25 +110,13 @@ def cost_row(name: str) -> dict:
     return row
 
 
-def table(rows: list[dict]) -> str:
-    head = ["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "peak RSS GB",
-            "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["flags"], r["label"], str(r["threads"]), f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}", f"{r['gptq_s']:.0f}",
-                 f"{r['rotate_s']:.0f}", f"{r['peak_rss_gb']:.1f}",
-                 *(f"{r[k]}" if k in r else "–" for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("records", nargs="+", help="bench_accuracy records in benchmarks/results (names, no .json)")
     p.add_argument("--json", type=Path, help="write the record here")
     a = p.parse_args()
     rows = [cost_row(name) for name in a.records]
-    print(table(rows))
+    print(cost_table(rows))
     if a.json:
         from record import write_record
 

@@ -224,16 +224,21 @@ def recipe_zero_shot() -> str:
     ])
 
 
+def cost_table(rows: list[dict]) -> str:
+    """The rows of benchmarks/recipe_cost.py (which prints with this too) as a table."""
+    return table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "peak RSS GB",
+                  "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)"],
+                 [[r["flags"], r["label"], r["threads"], f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}",
+                   f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}", f"{r['peak_rss_gb']:.1f}",
+                   *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))] for r in rows])
+
+
 def recipe_cost() -> str:
     rec = load("recipe_cost")
-    rows = [[r["flags"], r["label"], r["threads"], f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}", f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}",
-             f"{r['peak_rss_gb']:.1f}", *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))]
-            for r in rec["rows"]]
     return "\n".join([
         "### Cost of each recipe",
         "",
-        table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "peak RSS GB", "8B GPTQ h (proj.)",
-               "8B GPTQ GB (proj.)", "8B training h (proj.)"], rows),
+        cost_table(rec["rows"]),
         "",
         ("Measured on this CPU, one recipe per process (so the peak RSS is the recipe's, model load included), "
          "most beside one or two other runs on the 2 cores (the load at start says how busy); "
