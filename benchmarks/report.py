@@ -88,6 +88,10 @@ def weights_label(r: dict) -> str:
     if aware:
         tags.append("act-aware" + (f" {aware.group(1)}" if aware.group(1) else "")
                     + (" to float targets" if "--gptq-float-targets" in flags else ""))
+    tuned = re.search(r"--tune-scales (\d+)", flags)
+    if tuned and int(tuned.group(1)):
+        lr = re.search(r"--tune-lr (\S+)", flags)
+        tags.append(f"scales tuned end to end ({tuned.group(1)} steps{', lr ' + lr.group(1) if lr else ''})")
     return ", ".join([r["weights"], *([f"groups of {r['w_group']}"] if r.get("w_group") else []), *tags])
 
 

@@ -207,6 +207,10 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                         "layers before them; works at A16 too")
     g.add_argument("--gptq-weighted-clip", action="store_true",
                    help="weigh the clip search's error by each input channel's mean square (an importance matrix)")
+    g.add_argument("--tune-scales", type=int, default=DEFAULTS.tune.steps, metavar="STEPS",
+                   help="after RTN/GPTQ, train every weight scale (codes kept) for STEPS steps so the quantized "
+                        "model matches the float one's next-token distribution, on --calib-data (0: off)")
+    g.add_argument("--tune-lr", type=float, default=DEFAULTS.tune.lr, help="scale tuning learning rate (Adam)")
 
     r = p.add_argument_group("rotation")
     r.add_argument("--rotation", choices=[m.value for m in RotationMode], default=DEFAULTS.rotation.mode.value,
@@ -286,6 +290,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                        act_order=a.gptq_act_order, weighted_clip=a.gptq_weighted_clip,
                        damp=a.gptq_damp, act_aware=a.gptq_act_aware,
                        float_targets=a.gptq_float_targets)
+    cfg.tune = replace(cfg.tune, steps=a.tune_scales, lr=a.tune_lr, calib_data=a.calib_data)
     cfg.output, cfg.overwrite, cfg.tables = a.output, a.overwrite, a.tables
     check_calibration_differs(cfg.train.calib_data, cfg.eval.data)
     cfg.validate()

@@ -287,6 +287,26 @@ class GPTQConfig:
 
 
 @dataclass
+class TuneConfig:
+    """End-to-end tuning of the weight scales after RTN / GPTQ (quant.scale_tuning): integer codes kept,
+    every scale trained so the quantized model matches the float one's next-token distribution. 0 steps: off."""
+
+    steps: int = 0
+    lr: float = 1e-3  # Adam, on each scale's relative factor
+    batch: int = 2
+    seq_len: int = 512
+    calib_data: str = "wikitext2-valid"
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise SpinQuantError(f"--tune-scales {self.steps} must be 0 (off) or a number of steps")
+        if self.batch <= 0 or self.seq_len <= 0:
+            raise SpinQuantError("scale tuning batch and window length must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SpinQuantError(f"--tune-lr {self.lr} must be a positive number, e.g. 1e-3")
+
+
+@dataclass
 class EvalConfig:
     data: str = "wikitext2"
     seq_len: int = 2048
@@ -311,6 +331,7 @@ class RunConfig:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"  # compute device: auto (CUDA when present), cpu, cuda, cuda:N
@@ -343,6 +364,11 @@ class RunConfig:
         self.rotation.validate()
         self.train.validate()
         self.gptq.validate()
+        self.tune.validate()
+        if self.tune.steps and not self.quant.weight.enabled:
+            raise SpinQuantError("--tune-scales tunes weight scales; it needs quantized weights (--w-bits < 16)")
+        if self.tune.steps and self.offload:
+            raise SpinQuantError("--tune-scales trains through the whole model at once; drop --offload")
         self.eval.validate()
         return self
 

@@ -34,6 +34,7 @@ class QuantizeReport:
     seconds: dict[str, float] = field(default_factory=dict)
     train: dict | None = None
     gptq: dict | None = None
+    tune_losses: list[float] | None = None  # scale tuning's KL per step (cfg.tune)
 
 
 def check_supported(parts: ModelParts, cfg: RunConfig) -> None:
@@ -81,6 +82,23 @@ def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec | dict[str, QuantSpe
             qt = quantize_weight(linear.weight.data, layer_spec(specs, index, role))
             linear.weight.data = qt.dequantize(linear.weight.dtype)
             linear.quantized = qt.to(stream.home(layer)) if stream is not None else qt  # codes live with the model
+
+
+def _tune_scales(model, float_weights: dict, cfg: RunConfig, tokenizer, progress: bool,
+                 calib_ids: torch.Tensor | None) -> list[float]:
+    """End-to-end scale tuning (cfg.tune) against the same model run as the float network."""
+    from .quant.scale_tuning import float_model, tune_weight_scales
+
+    tc = cfg.tune
+    if calib_ids is None:
+        calib_ids = calibration_windows(tc.calib_data, cfg, tokenizer, tc.seq_len, tc.steps * tc.batch,
+                                        "scale tuning data")
+
+    def teacher(ids: torch.Tensor) -> torch.Tensor:
+        with float_model(model, float_weights):
+            return model(input_ids=ids, use_cache=False).logits
+
+    return tune_weight_scales(model, teacher, calib_ids, tc.steps, tc.batch, tc.lr, progress)
 
 
 def layer_stream(cfg: RunConfig) -> LayerStream | None:
@@ -165,6 +183,9 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     report.seconds["rotate"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # Scale tuning's teacher is the float model: keep the float weights (RTN and GPTQ replace, never edit them).
+    float_weights = ({linear: linear.weight.data for layer in parts.layers for linear in layer.linears().values()}
+                     if cfg.tune.steps else None)
     if cfg.quant.weight.enabled:
         if cfg.quant.weight_method == "gptq":
             from .quant.gptq_driver import quantize_weights_gptq
@@ -178,6 +199,10 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
             quantize_weights_rtn(parts, cfg.quant.weight_specs(), progress=progress, stream=stream)
     report.seconds["weights"] = time.perf_counter() - t
     set_activation_quant(parts, cfg.quant)
+    if float_weights:
+        t = time.perf_counter()
+        report.tune_losses = _tune_scales(model, float_weights, cfg, tokenizer, progress, calib_ids)
+        report.seconds["tune"] = time.perf_counter() - t
     # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.
     apply_tables(parts, cfg.tables)
     model.spinquant_rotations = rotations
