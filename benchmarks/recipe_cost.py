@@ -5,14 +5,15 @@
 
 Measured: each named record (benchmarks/results/NAME.json, written by bench_accuracy.py with one row per
 process, so the process's peak RSS is the recipe's) gives its quantization wall time, the part spent in GPTQ,
-the part spent rotating (training, for learned rotations), the threads and the peak resident memory.
+the part spent rotating (training, for learned rotations), the part spent tuning scales, the threads and the peak resident memory.
 
 Projected, by bench_train.py's method (model FLOPs at the rate this run achieved): the recipe's FLOPs are
 counted from the shapes for both models and the measured seconds scaled by their ratio. GPTQ per decoder layer:
 the calibration forwards (2·N·T per pass: one per true-sequential group plus the output pass, twice with
 --gptq-float-targets), the Hessian sums (2·T·in² per distinct input, three sums with --gptq-act-aware), the
 inverse-Hessian factorisations (in³ per linear, twice with the input-aware fit) and the column updates
-(2·out·in² per linear). Training: 8·N per token and step (forward, backward, teacher forward). A big model
+(2·out·in² per linear). Training and scale tuning: 8·N per token and step (forward, backward, teacher
+forward). A big model
 runs its matmuls at a higher rate than SmolLM2's small ones, so the projected times are upper bounds for the
 same machine. Memory at 8B: float32 weights, the calibration streams and one layer's float64 Hessians.
 """
@@ -107,6 +108,11 @@ def cost_row(name: str) -> dict:
         cpu_preset = 2 * 512, 60  # tokens per step, steps
         ratio = train_flops(LLAMA3_8B, *cpu_preset) / train_flops(SMOLLM2, *cpu_preset)
         row["train_8b_h"] = round(rotate_s * ratio / 3600, 1)
+    tune_s = r.get("stages_s", {}).get("tune")
+    if tune_s:  # --tune-scales: forward, backward and teacher forward per step, as training
+        steps = (2 * 512, int(flag(flags, "--tune-scales", 0)))
+        row["tune_s"] = tune_s
+        row["tune_8b_h"] = round(tune_s * train_flops(LLAMA3_8B, *steps) / train_flops(SMOLLM2, *steps) / 3600, 1)
     return row
 
 

@@ -75,7 +75,8 @@ ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_r
                     "accuracy_gptq_aware", "accuracy_gptq_aware05", "accuracy_gptq_groups_aware05",
                     "accuracy_gptq_groups_w4a4_aware05", "accuracy_learned_groups_w4a4_aware05",
                     "accuracy_gptq_float_targets_w4a16", "accuracy_gptq_float_targets_w4a4",
-                    "accuracy_gptq_full_range_w4a16", "accuracy_gptq_full_range_w4a16_t16", "accuracy_zero_shot_fp", "accuracy_zero_shot_w4a8")
+                    "accuracy_gptq_full_range_w4a16", "accuracy_gptq_full_range_w4a16_t16", "accuracy_zero_shot_fp", "accuracy_zero_shot_w4a8",
+                    "accuracy_tuned_w4a16_prototype")
 # GPTQ options a row's flags may carry, as the weights column names them
 GPTQ_TAGS = (("--gptq-act-order", "act order"), ("--gptq-weighted-clip", "weighted clip"),
              ("--gptq-damp 0.1", "damping 0.1"), ("--w-full-range", "full-range grid"))
@@ -230,11 +231,13 @@ def recipe_zero_shot() -> str:
 
 def cost_table(rows: list[dict]) -> str:
     """The rows of benchmarks/recipe_cost.py (which prints with this too) as a table."""
-    return table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "peak RSS GB",
-                  "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)"],
+    return table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "tune s",
+                  "peak RSS GB", "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)",
+                  "8B tuning h (proj.)"],
                  [[r["flags"], r["label"], r["threads"], f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}",
-                   f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}", f"{r['peak_rss_gb']:.1f}",
-                   *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h"))] for r in rows])
+                   f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}", f"{r.get('tune_s', 0):.0f}",
+                   f"{r['peak_rss_gb']:.1f}",
+                   *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h", "tune_8b_h"))] for r in rows])
 
 
 def recipe_cost() -> str:

@@ -154,3 +154,22 @@ def test_cli_flags_reach_the_config():
 
     cfg = config_from_args(parse_args(["quantize", "--tune-scales", "40", "--tune-lr", "2e-3", "--calib-data", "c4"]))
     assert (cfg.tune.steps, cfg.tune.lr, cfg.tune.calib_data) == (40, 2e-3, "c4")
+
+
+def test_long_caller_windows_are_cut_to_the_tuning_length(monkeypatch):
+    """Memory grows with window length: windows given for GPTQ (2048 tokens) are cut to tune.seq_len."""
+    import spinquant.quant.scale_tuning as st
+
+    seen = []
+    real = st.tune_weight_scales
+
+    def spy(model, teacher, calib_ids, *args, **kw):
+        seen.append(tuple(calib_ids.shape))
+        return real(model, teacher, calib_ids, *args, **kw)
+
+    monkeypatch.setattr(st, "tune_weight_scales", spy)
+    cfg = tuned_config(2)
+    cfg.tune.seq_len = 24
+    long_windows = torch.randint(0, 96, (3, 50), generator=torch.Generator().manual_seed(0))
+    quantize_model(tiny_model("llama"), cfg, progress=False, calib_ids=long_windows)
+    assert seen == [(6, 24)]

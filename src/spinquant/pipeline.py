@@ -93,6 +93,9 @@ def _tune_scales(model, float_weights: dict, cfg: RunConfig, tokenizer, progress
     if calib_ids is None:
         calib_ids = calibration_windows(tc.calib_data, cfg, tokenizer, tc.seq_len, tc.steps * tc.batch,
                                         "scale tuning data")
+    elif calib_ids.shape[1] > tc.seq_len:  # the caller's windows, cut to tc.seq_len: memory grows with length
+        n = calib_ids.shape[1] // tc.seq_len
+        calib_ids = calib_ids[:, : n * tc.seq_len].reshape(-1, tc.seq_len)
 
     def teacher(ids: torch.Tensor) -> torch.Tensor:
         with float_model(model, float_weights):
@@ -157,6 +160,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     `calib_ids` ([n, seq_len] token ids) replaces the calibration text for training and GPTQ.
     """
     cfg.validate()
+    caller_ids = calib_ids  # GPTQ below loads its own long windows into calib_ids; tuning must not take those
     parts = model_parts(model)
     check_supported(parts, cfg)
     report = QuantizeReport(rotation=cfg.rotation.mode, quant=cfg.quant.label, weight_method=cfg.quant.weight_method)
@@ -201,7 +205,7 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     set_activation_quant(parts, cfg.quant)
     if float_weights:
         t = time.perf_counter()
-        report.tune_losses = _tune_scales(model, float_weights, cfg, tokenizer, progress, calib_ids)
+        report.tune_losses = _tune_scales(model, float_weights, cfg, tokenizer, progress, caller_ids)
         report.seconds["tune"] = time.perf_counter() - t
     # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.
     apply_tables(parts, cfg.tables)
