@@ -173,3 +173,25 @@ def test_long_caller_windows_are_cut_to_the_tuning_length(monkeypatch):
     long_windows = torch.randint(0, 96, (3, 50), generator=torch.Generator().manual_seed(0))
     quantize_model(tiny_model("llama"), cfg, progress=False, calib_ids=long_windows)
     assert seen == [(6, 24)]
+
+
+def test_checkpoints_see_the_model_as_a_shorter_run_leaves_it():
+    fp, q = quantized("llama", act_bits=4)
+    q_short = copy.deepcopy(q)
+    with torch.no_grad():
+        untuned = q(input_ids=ids(4, 1)).logits
+    teacher, calib, x = (lambda ids_: fp(input_ids=ids_).logits), ids(16, 0), ids(4, 1)
+    seen: dict[int, torch.Tensor] = {}
+
+    def look(steps_done: int) -> None:
+        with torch.no_grad():
+            seen[steps_done] = q(input_ids=x).logits.clone()
+
+    tune_weight_scales(q, teacher, calib, steps=6, batch=4, lr=1e-2, progress=False, every=3, checkpoint=look)
+    tune_weight_scales(q_short, teacher, calib, steps=3, batch=4, lr=1e-2, progress=False)
+    assert sorted(seen) == [0, 3, 6]
+    torch.testing.assert_close(seen[0], untuned, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(seen[3], q_short(input_ids=x).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(seen[6], q(input_ids=x).logits, rtol=0, atol=0)
+    assert not torch.equal(seen[3], seen[6])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +86,8 @@ def quantize_weights_rtn(parts: ModelParts, spec: QuantSpec | dict[str, QuantSpe
 
 
 def _tune_scales(model, float_weights: dict, cfg: RunConfig, tokenizer, progress: bool,
-                 calib_ids: torch.Tensor | None) -> list[float]:
+                 calib_ids: torch.Tensor | None, every: int = 0,
+                 checkpoint: Callable[[int], None] | None = None) -> list[float]:
     """End-to-end scale tuning (cfg.tune) against the same model run as the float network."""
     from .quant.scale_tuning import float_model, tune_weight_scales
 
@@ -101,7 +103,7 @@ def _tune_scales(model, float_weights: dict, cfg: RunConfig, tokenizer, progress
         with float_model(model, float_weights):
             return model(input_ids=ids, use_cache=False).logits
 
-    return tune_weight_scales(model, teacher, calib_ids, tc.steps, tc.batch, tc.lr, progress)
+    return tune_weight_scales(model, teacher, calib_ids, tc.steps, tc.batch, tc.lr, progress, every, checkpoint)
 
 
 def layer_stream(cfg: RunConfig) -> LayerStream | None:
@@ -154,10 +156,13 @@ def resolve_rotations(parts: ModelParts, cfg: RunConfig, tokenizer=None, progres
 
 
 def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
-                   calib_ids: torch.Tensor | None = None) -> QuantizeReport:
+                   calib_ids: torch.Tensor | None = None, tune_every: int = 0,
+                   tune_checkpoint: Callable[[int], None] | None = None) -> QuantizeReport:
     """Rotate and quantize `model` in place according to `cfg`.
 
     `calib_ids` ([n, seq_len] token ids) replaces the calibration text for training and GPTQ.
+    `tune_checkpoint(steps_done)` is called every `tune_every` scale-tuning steps with the model as tuning
+    would leave it there, its embedding and lm_head still float (benchmarks/bench_tune_steps.py).
     """
     cfg.validate()
     caller_ids = calib_ids  # GPTQ below loads its own long windows into calib_ids; tuning must not take those
@@ -205,7 +210,8 @@ def quantize_model(model, cfg: RunConfig, tokenizer=None, progress: bool = True,
     set_activation_quant(parts, cfg.quant)
     if float_weights:
         t = time.perf_counter()
-        report.tune_losses = _tune_scales(model, float_weights, cfg, tokenizer, progress, caller_ids)
+        report.tune_losses = _tune_scales(model, float_weights, cfg, tokenizer, progress, caller_ids,
+                                          tune_every, tune_checkpoint)
         report.seconds["tune"] = time.perf_counter() - t
     # Last: embedding and lm_head as the saved model stores them, so this model computes what it will.
     apply_tables(parts, cfg.tables)

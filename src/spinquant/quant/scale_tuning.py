@@ -51,12 +51,15 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Ten
 
 def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor], torch.Tensor],
                        calib_ids: torch.Tensor, steps: int, batch: int = 2, lr: float = 1e-3,
-                       progress: bool = True) -> list[float]:
+                       progress: bool = True, every: int = 0,
+                       checkpoint: Callable[[int], None] | None = None) -> list[float]:
     """Train the weight scales of every quantized linear in `model` against `teacher(ids) -> logits`.
 
     Each scale s becomes s·(1 + d) with d trained by Adam from 0 (`lr` is per step on that relative factor).
     Batches cycle through `calib_ids` [n, seq_len]. Returns the per-step losses; on a non-finite loss the
-    model is left as it was and SpinQuantError names the fix.
+    model is left as it was and SpinQuantError names the fix. With `every` > 0, `checkpoint(steps_done)` is
+    called at 0 and every `every` steps with the model computing as if tuning had stopped there (to measure
+    how many steps pay off in one run).
     """
     names = {id(m): n for n, m in model.named_modules()}
     linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.quantized is not None]
@@ -76,6 +79,8 @@ def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor],
         for p, _ in frozen:
             p.requires_grad_(False)
         model.eval()
+        if checkpoint is not None and every > 0:
+            checkpoint(0)
         for step in tqdm(range(steps), desc="scale tuning", unit="step", disable=None if progress else True):
             idx = torch.arange(step * batch, (step + 1) * batch) % len(calib_ids)
             ids = calib_ids[idx].to(linears[0].weight.device)
@@ -93,15 +98,30 @@ def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor],
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < steps:
+                stored = [(lin.weight.detach().clone(), lin.quantized) for lin in linears]
+                _apply_scales(linears, factors)
+                checkpoint(step + 1)
+                with torch.no_grad():  # as they were: a later failure must leave the model untuned
+                    for lin, (w, q) in zip(linears, stored):
+                        lin.weight.copy_(w)
+                        lin.quantized = q
     finally:
         for q, ste in zip(quantizers, saved_ste):
             q.ste = ste
         for p, grad in frozen:
             p.requires_grad_(grad)
         model.train(was_training)
-    with torch.no_grad():
-        for lin, f in zip(linears, factors):
-            q = lin.quantized
-            lin.quantized = replace(q, scale=(q.scale.float() * (1 + f)).to(q.scale.dtype))
-            lin.weight.copy_(lin.quantized.dequantize(lin.weight.dtype).to(lin.weight.device))
+    _apply_scales(linears, factors)
+    if checkpoint is not None and every > 0 and steps % every == 0:
+        checkpoint(steps)
     return losses
+
+
+@torch.no_grad()
+def _apply_scales(linears: list[QuantLinear], factors: list[torch.Tensor]) -> None:
+    """Each linear's scales times (1 + factor), and its stored weight from the codes and those scales."""
+    for lin, f in zip(linears, factors):
+        q = lin.quantized
+        lin.quantized = replace(q, scale=(q.scale.float() * (1 + f)).to(q.scale.dtype))
+        lin.weight.copy_(lin.quantized.dequantize(lin.weight.dtype).to(lin.weight.device))
