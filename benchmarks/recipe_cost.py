@@ -16,6 +16,10 @@ inverse-Hessian factorisations (in³ per linear, twice with the input-aware fit)
 forward). A big model
 runs its matmuls at a higher rate than SmolLM2's small ones, so the projected times are upper bounds for the
 same machine. Memory at 8B: float32 weights, the calibration streams and one layer's float64 Hessians.
+Scale tuning's memory (no activation checkpointing): the float weights (the teacher), the stored and the
+in-graph dequantized student weights (float32 each), the int8 codes, the activations one 2 × 512 batch saves
+for the backward pass (12·hidden + 4·kv + 5·intermediate + heads·seq floats per token and layer) and four
+float32 copies of the logits; the same formula at SmolLM2's shape sits beside the measured peak to check it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class Shape:
     kv: int  # key/value width: kv heads × head dim
     intermediate: int
     vocab: int
+    heads: int
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of one layer's q, k, v, o, gate, up, down."""
@@ -55,8 +60,8 @@ class Shape:
         return self.layers * self.layer_params + 2 * self.vocab * self.hidden
 
 
-SMOLLM2 = Shape("SmolLM2-135M", 30, 576, 192, 1536, 49152)
-LLAMA3_8B = Shape("Llama-3-8B", 32, 4096, 1024, 14336, 128256)
+SMOLLM2 = Shape("SmolLM2-135M", 30, 576, 192, 1536, 49152, 9)
+LLAMA3_8B = Shape("Llama-3-8B", 32, 4096, 1024, 14336, 128256, 32)
 
 
 def gptq_flops(s: Shape, tokens: int, act_aware: bool, float_targets: bool) -> float:
@@ -70,6 +75,15 @@ def gptq_flops(s: Shape, tokens: int, act_aware: bool, float_targets: bool) -> f
 
 def train_flops(s: Shape, tokens_per_step: int, steps: int) -> float:
     return 8 * (s.layers * s.layer_params + s.vocab * s.hidden) * tokens_per_step * steps
+
+
+def tune_memory_gb(s: Shape, batch: int = 2, seq: int = 512) -> float:
+    tokens = batch * seq
+    weights = (4 + 4 + 4 + 1) * s.params
+    per_token_layer = 12 * s.hidden + 4 * s.kv + 5 * s.intermediate + s.heads * seq
+    activations = 4 * per_token_layer * tokens * s.layers
+    logits = 4 * 4 * tokens * s.vocab
+    return (weights + activations + logits) / 2**30
 
 
 def gptq_memory_gb(s: Shape, tokens: int, act_aware: bool, float_targets: bool) -> float:
@@ -113,6 +127,8 @@ def cost_row(name: str) -> dict:
         steps = (2 * 512, int(flag(flags, "--tune-scales", 0)))
         row["tune_s"] = tune_s
         row["tune_8b_h"] = round(tune_s * train_flops(LLAMA3_8B, *steps) / train_flops(SMOLLM2, *steps) / 3600, 1)
+        row["tune_gb_formula"] = round(tune_memory_gb(SMOLLM2), 1)
+        row["tune_8b_gb"] = round(tune_memory_gb(LLAMA3_8B), 1)
     return row
 
 

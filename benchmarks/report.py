@@ -189,6 +189,7 @@ def accuracy_section() -> str:
         f"Accuracy in %: PIQA and ARC-Easy acc, HellaSwag acc_norm. {provenance(zs)}",
         "",
         *([zs18, ""] if (zs18 := recipe_zero_shot()) else []),
+        *([steps, ""] if (steps := tune_steps_section()) else []),
         *([recipe_cost(), ""] if (RESULTS_DIR / "recipe_cost.json").exists() else []),
         "### Where the W4A4KV4 error sits",
         "",
@@ -229,15 +230,35 @@ def recipe_zero_shot() -> str:
     ])
 
 
+def tune_steps_section() -> str:
+    """benchmarks/bench_tune_steps.py records: perplexity against the number of --tune-scales steps."""
+    recs = [(path.stem, load(path.stem)) for path in sorted(RESULTS_DIR.glob("tune_steps_*.json"))]
+    if not recs:
+        return ""
+    out = ["### How many scale-tuning steps", ""]
+    for name, rec in recs:
+        texts = list(rec["eval_windows"])
+        out += [f"`{rec['flags']}` ({name}):", "",
+                table(["steps", *(f"{t} ({n} windows)" for t, n in rec["eval_windows"].items()), "tuning s"],
+                      [[f"{r['steps']}{' (saved model)' if r.get('final') else ''}",
+                        *(f2(r["ppl"][t]) for t in texts), f"{r['tune_s']:.0f}"] for r in rec["rows"]]),
+                "", provenance(rec), ""]
+    out.append("Each line is one run stopped there (same data order, same optimizer state); the embedding and "
+               "lm_head take their saved form only at the end, in the last line. Tuning seconds: the run's, pro "
+               "rata, evaluations excluded.")
+    return "\n".join(out)
+
+
 def cost_table(rows: list[dict]) -> str:
     """The rows of benchmarks/recipe_cost.py (which prints with this too) as a table."""
     return table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "tune s",
                   "peak RSS GB", "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)",
-                  "8B tuning h (proj.)"],
+                  "8B tuning h (proj.)", "tuning GB (formula: 135M / 8B)"],
                  [[r["flags"], r["label"], r["threads"], f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}",
                    f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}", f"{r.get('tune_s', 0):.0f}",
                    f"{r['peak_rss_gb']:.1f}",
-                   *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h", "tune_8b_h"))] for r in rows])
+                   *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h", "tune_8b_h")),
+                   f"{r['tune_gb_formula']} / {r['tune_8b_gb']}" if "tune_8b_gb" in r else "–"] for r in rows])
 
 
 def recipe_cost() -> str:
@@ -252,7 +273,10 @@ def recipe_cost() -> str:
          "'rotate' includes training for learned rotations. The 8B columns are projections, not runs: "
          "benchmarks/recipe_cost.py counts each stage's FLOPs from the shapes of both models and scales the "
          "measured seconds by their ratio (upper bounds: big matmuls run faster per FLOP), memory as float32 "
-         "weights + calibration streams + one layer's float64 Hessians. " + provenance(rec)),
+         "weights + calibration streams + one layer's float64 Hessians; scale tuning's memory by a formula "
+         "(float teacher weights, two float32 student copies, int8 codes, one 2 × 512 batch's saved activations "
+         "and logits, no activation checkpointing), shown at both shapes so the 135M figure can be held against "
+         "the measured peak. " + provenance(rec)),
     ])
 
 
