@@ -601,7 +601,15 @@ def readme_block() -> str:
     fp, rows = accuracy_rows()
     vs, default = load("vs_llama_cpp"), load("default_run")
     last = default["runs"][-1]
-    keep = [r for r in rows if r["label"] != "W4A16" or r["rotation"] != "learned"]
+    # The plain baselines (RTN, each rotation) and the best recipe per bit width; RESULTS.md has every row.
+    best: dict[str, dict] = {}
+    for r in rows:
+        wiki = r["ppl"].get("wikitext2")
+        if wiki is not None and (r["label"] not in best or wiki < best[r["label"]]["ppl"]["wikitext2"]):
+            best[r["label"]] = r
+    baselines = {(r["label"], r["rotation"]): r for r in rows if r["weights"] == "rtn"}  # the latest of each
+    keep = [r for r in rows if r is best[r["label"]] or baselines.get((r["label"], r["rotation"])) is r]
+    w4a4 = best.get("W4A4KV4")
     speed = [row[:7] for row in speed_rows(vs)]
     return "\n".join([
         BEGIN,
@@ -610,6 +618,8 @@ def readme_block() -> str:
         "",
         accuracy_table(fp, keep, with_record=False),
         "",
+        *([f"RTN rows and the best recipe per bit width; the best W4A4KV4 one is `spinquant quantize {w4a4['flags']}`.",
+           ""] if w4a4 and w4a4.get("flags") else []),
         "Packed runtime beside llama.cpp on the same CPU (batch 1, prompt 512, decode 64; Hadamard, RTN):",
         "",
         table(["threads", "config", "prefill tok/s", "vs Q4_0", "decode tok/s", "vs Q4_0", "decode vs our fp32"],
