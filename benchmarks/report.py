@@ -276,7 +276,9 @@ def recipe_cost() -> str:
          "weights + calibration streams + one layer's float64 Hessians; scale tuning's memory by a formula "
          "(float teacher weights, two float32 student copies, int8 codes, one 2 × 512 batch's saved activations "
          "and logits, no activation checkpointing), shown at both shapes so the 135M figure can be held against "
-         "the measured peak. " + provenance(rec)),
+         "the measured peak, which also holds the benchmark's own float model, the evaluations and lm-eval: read "
+         "the 8B figure as a lower bound, above one 80 GB GPU (tuning has no activation checkpointing or "
+         "layer streaming yet). " + provenance(rec)),
     ])
 
 
@@ -572,8 +574,9 @@ rotation."""
 REPRODUCE = """## Reproducing
 
 Every table names its command. Scripts: `bench_accuracy.py` (perplexity of recipes given as `spinquant
-quantize` flags), `bench_zero_shot.py`, `check_exactness.py`, `bench_runtime.py`, `bench_vs_llama_cpp.py`,
-`bench_llama_cpp.py`, `bench_train.py`, `bench_runtime_gpu.py`, `fuzz_cli.py`; each writes its record with
+quantize` flags), `bench_tune_steps.py` (perplexity after every few `--tune-scales` steps), `recipe_cost.py`,
+`bench_zero_shot.py`, `check_exactness.py`, `bench_runtime.py`, `bench_vs_llama_cpp.py`, `bench_llama_cpp.py`,
+`bench_train.py`, `bench_runtime_gpu.py`, `fuzz_cli.py`; each writes its record with
 `--json benchmarks/results/NAME.json`, then `python benchmarks/report.py` regenerates this file and README's
 table.
 
