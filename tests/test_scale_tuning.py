@@ -195,3 +195,29 @@ def test_checkpoints_see_the_model_as_a_shorter_run_leaves_it():
         torch.testing.assert_close(seen[3], q_short(input_ids=x).logits, rtol=0, atol=1e-6)
         torch.testing.assert_close(seen[6], q(input_ids=x).logits, rtol=0, atol=0)
     assert not torch.equal(seen[3], seen[6])
+
+
+def test_tuned_scales_export_to_compressed_tensors(tmp_path):
+    """The tuned scales are what the export writes: stock transformers computes the tuned model's logits."""
+    pytest.importorskip("compressed_tensors")
+    import transformers
+    from conftest import byte_tokenizer
+
+    from spinquant.export import export_compressed_tensors
+
+    model = tiny_model("llama", vocab_size=260)
+    cfg = tuned_config(10, act_bits=16)
+    cfg.quant.weight = QuantSpec(bits=4, symmetric=True, group_size=16)
+    cfg.quant.key = cfg.quant.value = QuantSpec(bits=16)
+    cfg.rotation.r3 = cfg.rotation.r4 = False
+    calib = torch.randint(0, 260, (8, 24), generator=torch.Generator().manual_seed(0))
+    untuned = copy.deepcopy(model)
+    quantize_model(model, cfg, progress=False, calib_ids=calib)
+    cfg.tune.steps = 0
+    quantize_model(untuned, cfg, progress=False, calib_ids=calib)
+    out = export_compressed_tensors(model, byte_tokenizer(), tmp_path / "ct", dtype="float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    x = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(hf(x).logits, untuned(x).logits, atol=1e-3)  # the tuning reached the file
