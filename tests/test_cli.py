@@ -152,7 +152,7 @@ def test_target_writes_the_gguf_recipe_in_one_command(files, capsys, tmp_path):
     assert cfg.quant.weight.group_size == 64 and cfg.quant.weight.full_range and cfg.gptq.weighted_clip
     assert cfg.gptq.act_order and cfg.gptq.damp == 0.1 and cfg.quant.weight_role_bits == {"down.0": 5}
     assert (cfg.quant.act.bits, cfg.quant.key.bits, cfg.rotation.mode.value) == (16, 16, "none")
-    assert set(TARGETS) == {"gguf:Q4_0", "gguf:Q5_0"}
+    assert {t for t in TARGETS if t.startswith("gguf:")} == {"gguf:Q4_0", "gguf:Q5_0"}
 
     src = save_tiny(tmp_path / "tied", "llama-tied")
     bpe_tokenizer().save_pretrained(src)  # llama.cpp needs BPE merges
@@ -165,6 +165,24 @@ def test_target_writes_the_gguf_recipe_in_one_command(files, capsys, tmp_path):
     assert types["blk.0.ffn_down.weight"] == "Q5_0"  # the recipe's one wider ffn_down
     assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types
     assert not (tmp_path / "m.gguf" / "config.json").exists()
+
+
+@pytest.mark.parametrize("target, bits, group", [("spinquant:W4A4KV4", (4, 4, 4), 32),
+                                                  ("spinquant:W4A8KV8", (4, 8, 8), 32),
+                                                  ("spinquant:W4A16", (4, 16, 16), None)])
+def test_accuracy_targets_are_the_measured_recipes(target, bits, group):
+    """spinquant:<bits> sets the recipe of the best accuracy record at those bits; --output stays the packed
+    folder (no export), and flags given explicitly still win."""
+    from spinquant.cli import config_from_args, parse_args
+
+    a = parse_args(["quantize", "--target", target, "--output", "out"])
+    cfg = config_from_args(a)
+    assert (cfg.quant.weight.bits, cfg.quant.act.bits, cfg.quant.key.bits) == bits
+    assert cfg.quant.weight.group_size == group and str(cfg.output) == "out" and a.export is None
+    assert cfg.rotation.mode.value == "hadamard" and cfg.quant.weight_method == "gptq" and cfg.tune.steps == 60
+    assert cfg.gptq.samples == 16 and cfg.gptq.act_order and cfg.gptq.weighted_clip and cfg.gptq.damp == 0.1
+    assert cfg.gptq.act_aware == (0.5 if bits[1] < 16 else 0.0)
+    assert config_from_args(parse_args(["quantize", "--target", target, "--tune-scales", "5"])).tune.steps == 5
 
 
 def test_flag_defaults_are_the_config_defaults_and_help_shows_them():

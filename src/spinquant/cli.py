@@ -334,8 +334,9 @@ def build_parser(target: str | None = None) -> argparse.ArgumentParser:
     add_export_args(q)
     q.add_argument("--target", choices=sorted(TARGETS),
                    help="the recipe that measured best for a serving format: sets the quantization and export "
-                        "flags (any given explicitly still win) and writes --output as that file, e.g. "
-                        "--target gguf:Q4_0 --output model.gguf")
+                        "flags (any given explicitly still win); a GGUF target writes --output as that file, e.g. "
+                        "--target gguf:Q4_0 --output model.gguf; spinquant:<bits> is the most accurate recipe "
+                        "measured for our packed runtime (GPTQ and scale tuning: slow)")
     if target:
         q.set_defaults(**TARGETS[target])
 
@@ -399,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if getattr(args, "target", None):
         args = build_parser(args.target).parse_args(argv)
-        if args.output and not args.export_output:
+        if "export" in TARGETS[args.target] and args.output and not args.export_output:
             args.export_output, args.output = args.output, None  # --output names the target's file
     return args
 

@@ -250,9 +250,22 @@ TRAIN_PRESETS = {"paper": PAPER_TRAIN, "cpu": CPU_TRAIN}
 _GGUF_RECIPE = {"a_bits": 16, "kv_bits": 16, "no_r3": True, "no_r4": True, "rotation": "none", "w_group": 32,
                 "w_full_range": True, "weight_quant": "gptq", "gptq_weighted_clip": True, "gptq_act_order": True,
                 "gptq_damp": 0.1, "export": "gguf", "gguf_type": "auto", "gguf_tables": "Q8_0"}
+# `spinquant:<bits>`: the most accurate recipe measured at those bits for our own packed runtime
+# (benchmarks/RESULTS.md, "Perplexity by recipe", records accuracy_tuned_*): Hadamard R1/R2 with online R3/R4,
+# GPTQ on 16 calibration windows in act order with weighted clip and damping 0.1, then 60 steps of scale
+# tuning; at A<16 groups of 32 and half of GPTQ's objective on the quantized inputs; W4A16 per output channel
+# on the full-range grid, its tables float16 as measured. About 30-40 min on this 2-core CPU for SmolLM2.
+_ACCURATE_RECIPE = {"rotation": "hadamard", "weight_quant": "gptq", "gptq_samples": 16, "gptq_act_order": True,
+                    "gptq_weighted_clip": True, "gptq_damp": 0.1, "tune_scales": 60}
 TARGETS = {
     "gguf:Q4_0": {**_GGUF_RECIPE, "w_bits": 4, "w_bits_role": {"down.0": 5}},
     "gguf:Q5_0": {**_GGUF_RECIPE, "w_bits": 5},  # the size of llama.cpp's Q4_K_M on SmolLM2
+    "spinquant:W4A4KV4": {**_ACCURATE_RECIPE, "w_bits": 4, "a_bits": 4, "kv_bits": 4, "w_group": 32,
+                          "gptq_act_aware": 0.5},
+    "spinquant:W4A8KV8": {**_ACCURATE_RECIPE, "w_bits": 4, "a_bits": 8, "kv_bits": 8, "w_group": 32,
+                          "gptq_act_aware": 0.5},
+    "spinquant:W4A16": {**_ACCURATE_RECIPE, "w_bits": 4, "a_bits": 16, "kv_bits": 16, "w_full_range": True,
+                        "tables": "float16"},
 }
 
 
