@@ -50,3 +50,24 @@ def test_the_report_notices_an_edited_figure(tmp_path, monkeypatch):
                         if name == "exactness" else original(name))
     after = report.results_md()
     assert after != before and repr(rec["rows"][0]["saved"]) in after
+
+
+def test_accuracy_targets_are_the_recipes_their_records_measured():
+    """`--target spinquant:<bits>` must stay the recipe of the record behind its claim (config.TARGETS)."""
+    import shlex
+
+    import pytest
+
+    from spinquant.cli import config_from_args, parse_args
+
+    records = {"spinquant:W4A4KV4": "accuracy_tuned_w4a4", "spinquant:W4A8KV8": "accuracy_tuned_w4a8",
+               "spinquant:W4A16": "accuracy_tuned_w4a16"}
+    for target, name in records.items():
+        path = BENCH / "results" / f"{name}.json"
+        if not path.exists():
+            pytest.fail(f"{target}: its record {path.name} is missing")
+        flags = next(r["flags"] for r in json.loads(path.read_text())["rows"] if r.get("flags"))
+        measured = config_from_args(parse_args(["quantize", *shlex.split(flags)]))
+        target_cfg = config_from_args(parse_args(["quantize", "--target", target]))
+        for part in ("quant", "gptq", "tune", "rotation", "tables"):
+            assert getattr(target_cfg, part) == getattr(measured, part), (target, part)
