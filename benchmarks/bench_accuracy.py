@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_record  # at the top: the record's load is the one at start
 
 from spinquant.cli import config_from_args, parse_args
 from spinquant.evaluation.data import load_text, tokenize_windows
@@ -101,8 +102,6 @@ def main() -> None:
         print(f"| {r['flags'] or 'FP'} | {r['label']} | " + " | ".join(f"{r['ppl'][k]:.2f}" for k in names)
               + f" | {r.get('quantize_s', 0):.0f} |")
     if a.json:
-        from record import write_record
-
         write_record(a.json, model=a.model, threads=torch.get_num_threads(), seq_len=a.seq_len,
                      eval_windows={k: len(v) for k, v in texts.items()}, peak_rss_gb=round(peak_gb, 2), rows=rows,
                      **({"task_limit": a.task_limit or None} if tasks else {}))

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from record import write_record  # at the top: the record's load is the one at start
+
 from spinquant.config import DEFAULT_MODEL
 from spinquant.models.builtin import builtin_gguf
 
@@ -177,8 +179,6 @@ def main() -> None:
         print(f"| {r['label']} | {r['file_mib']:.1f} | {r['bits_per_weight']:.2f} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_vs_first']:.3f} |" + "".join(f" {c} |" for c in cells))
     if a.json:
-        from record import write_record
-
         write_record(a.json, threads=a.threads, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
                      rounds=a.rounds, ctx=a.ctx, chunks={n: c for n, (_, c) in texts.items()}, imatrix=a.imatrix,
                      imatrix_chunks=imatrix_chunks(imatrix) if imatrix else None, rows=rows)

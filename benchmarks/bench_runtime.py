@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import write_record  # at the top: the record's load is the one at start
+
 # name → (weight bits, activation bits, KV bits) for quantized configs; None for float baselines
 CONFIGS: dict[str, tuple[int, int, int] | None] = {
     "fp32": None, "bf16": None,
@@ -223,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measured {name}", file=sys.stderr)
     print_table(rows, a)
     if a.json:
-        from record import write_record
-
         write_record(Path(a.json), threads=a.threads, prompt_len=a.prompt_len, decode_tokens=a.decode_tokens,
                      repeats=a.repeats, decode=a.decode, weight_only=a.weight_only, rows=rows)
     return 0

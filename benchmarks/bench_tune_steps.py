@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from bench_accuracy import parse_eval, row_config
+from record import write_record  # at the top: the record's load is the one at start
 
 from spinquant.evaluation.data import load_text, tokenize_windows
 from spinquant.evaluation.scoring import perplexity
@@ -79,8 +80,6 @@ def main() -> None:
         print(f"| {r['steps']}{' (final)' if r.get('final') else ''} | "
               + " | ".join(f"{r['ppl'][k]:.2f}" for k in names) + f" | {r['tune_s']:.0f} |")
     if a.json:
-        from record import write_record
-
         write_record(a.json, model=a.model, threads=torch.get_num_threads(), seq_len=a.seq_len, flags=a.row,
                      every=a.every, eval_windows={k: len(v) for k, v in texts.items()},
                      peak_rss_gb=round(peak_gb, 2), quantize_s=round(quantize_s, 1),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from bench_accuracy import row_config
+from record import write_record  # at the top: the record's load is the one at start
 
 from spinquant.evaluation.lm_eval_bridge import (
     add_standard_errors,
@@ -82,8 +83,6 @@ def main() -> None:
     print()
     print(table(rows, tasks))
     if a.json:
-        from record import write_record
-
         write_record(a.json, model=a.model, threads=torch.get_num_threads(), limit=limit, rows=rows)
 
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import write_record  # at the top: the record's load is the one at start
+
 CONFIGS = {  # name → (weight, activation, KV bits, rotation)
     "w4a4kv4-hadamard": (4, 4, 4, "hadamard"),
     "w4a4kv4-learned": (4, 4, 4, "learned"),
@@ -82,8 +84,6 @@ def main() -> int:
         print(f"| {r['config']} | {r['fake_quant']!r} | {r['saved']!r} | {r['equal']} | "
               f"{r['fake_quant_s']:.0f} / {r['saved_s']:.0f} |")
     if a.json:
-        from record import write_record
-
         write_record(a.json, threads=torch.get_num_threads(), rows=rows)
     return 0
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import write_record  # at the top: the record's load is the one at start
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
@@ -130,8 +132,6 @@ def main() -> int:
             for c in rows:
                 print(f"| {c['command']} | {c['flag']} | {c['value']} | {c['message']} |")
     if a.json:
-        from record import write_record
-
         write_record(a.json, threads=1, counts=counts, cases=cases)
     return 0
 

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from record import write_record  # at the top: the record's load is the one at start
 from report import cost_table, load
 
 
@@ -98,6 +99,13 @@ def flag(flags: str, name: str, default: float) -> float:
     return default if m is None else float(m.group(1) or 1.0)
 
 
+def load_of(machine: dict) -> dict:
+    """The record's load average and when it was read (older records read it after the work)."""
+    if "load_avg_at_start" in machine:
+        return {"load": machine["load_avg_at_start"][0], "load_when": "start"}
+    return {"load": machine["load_avg_at_end"][0], "load_when": "end"}
+
+
 def cost_row(name: str) -> dict:
     rec = load(name)
     quantized = [r for r in rec["rows"] if r.get("flags")]
@@ -113,7 +121,7 @@ def cost_row(name: str) -> dict:
     rotate_s = r.get("stages_s", {}).get("rotate", r["quantize_s"] - gptq_s)
     row = {"record": name, "label": r["label"], "flags": flags, "threads": rec.get("threads"),
            "quantize_s": r["quantize_s"], "gptq_s": gptq_s, "rotate_s": round(rotate_s, 1),
-           "peak_rss_gb": rec.get("peak_rss_gb"), "load_at_start": rec["machine"]["load_avg_at_start"][0]}
+           "peak_rss_gb": rec.get("peak_rss_gb"), "cpu": rec["machine"].get("cpu"), **load_of(rec["machine"])}
     if r.get("weights") == "gptq":
         ratio = gptq_flops(LLAMA3_8B, tokens, aware, targets) / gptq_flops(SMOLLM2, tokens, aware, targets)
         row["gptq_8b_h"] = round(gptq_s * ratio / 3600, 1)
@@ -140,8 +148,6 @@ def main() -> None:
     rows = [cost_row(name) for name in a.records]
     print(cost_table(rows))
     if a.json:
-        from record import write_record
-
         write_record(a.json, rows=rows, shapes=[vars(SMOLLM2), vars(LLAMA3_8B)])
 
 

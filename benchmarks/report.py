@@ -44,6 +44,9 @@ def ratio(x, ref, digits=2):
     return None if x is None or not ref else f"{x / ref:.{digits}f}×"
 
 
+HEADER_CPU = "AMD EPYC"  # the machine HEADER names; records from any other say so where they are cited
+
+
 def provenance(rec: dict) -> str:
     """One line saying where a table's figures come from."""
     parts = [f"`{rec['command']}`"]
@@ -55,8 +58,12 @@ def provenance(rec: dict) -> str:
         parts.append(f"{rec['threads']} thread{'s' * (rec['threads'] != 1)}")
     machine = rec.get("machine")
     if isinstance(machine, dict):
+        if machine.get("cpu") and not str(machine["cpu"]).startswith(HEADER_CPU):
+            parts.append(f"on another machine: {machine['cpu']}, {machine.get('cores')} cores")
         if machine.get("load_avg_at_start"):
             parts.append(f"load {machine['load_avg_at_start'][0]:.1f} at start")
+        elif machine.get("load_avg_at_end"):
+            parts.append(f"load {machine['load_avg_at_end'][0]:.1f} at the end (its own work included)")
         if machine.get("env"):
             parts.append(" ".join(f"{k}={v}" for k, v in machine["env"].items()))
     text = "Source: " + "; ".join(parts) + "."
@@ -251,10 +258,10 @@ def tune_steps_section() -> str:
 
 def cost_table(rows: list[dict]) -> str:
     """The rows of benchmarks/recipe_cost.py (which prints with this too) as a table."""
-    return table(["recipe", "bits", "threads", "load at start", "wall s", "GPTQ s", "rotate s", "tune s",
+    return table(["recipe", "bits", "CPU", "threads", "load (when read)", "wall s", "GPTQ s", "rotate s", "tune s",
                   "peak RSS GB", "8B GPTQ h (proj.)", "8B GPTQ GB (proj.)", "8B training h (proj.)",
                   "8B tuning h (proj.)", "tuning GB (formula: 135M / 8B)"],
-                 [[r["flags"], r["label"], r["threads"], f"{r['load_at_start']:.1f}", f"{r['quantize_s']:.0f}",
+                 [[r["flags"], r["label"], (r.get("cpu") or HEADER_CPU).replace("(R)", ""), r["threads"], f"{r['load']:.1f} ({r['load_when']})", f"{r['quantize_s']:.0f}",
                    f"{r['gptq_s']:.0f}", f"{r['rotate_s']:.0f}", f"{r.get('tune_s', 0):.0f}",
                    f"{r['peak_rss_gb']:.1f}",
                    *(r.get(k, "–") for k in ("gptq_8b_h", "gptq_8b_gb", "train_8b_h", "tune_8b_h")),
@@ -269,7 +276,8 @@ def recipe_cost() -> str:
         cost_table(rec["rows"]),
         "",
         ("Measured on this CPU, one recipe per process (so the peak RSS is the recipe's, model load included), "
-         "most beside one or two other runs on the 2 cores (the load at start says how busy); "
+         "most beside one or two other runs on the 2 cores (the load average says how busy: read at the start, "
+         "or for older records at the end, when the recipe's own thread counts in it); "
          "'rotate' includes training for learned rotations. The 8B columns are projections, not runs: "
          "benchmarks/recipe_cost.py counts each stage's FLOPs from the shapes of both models and scales the "
          "measured seconds by their ratio (upper bounds: big matmuls run faster per FLOP), memory as float32 "

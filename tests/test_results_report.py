@@ -71,3 +71,16 @@ def test_accuracy_targets_are_the_recipes_their_records_measured():
         target_cfg = config_from_args(parse_args(["quantize", "--target", target]))
         for part in ("quant", "gptq", "tune", "rotation", "tables"):
             assert getattr(target_cfg, part) == getattr(measured, part), (target, part)
+
+
+def test_records_say_when_they_read_the_load(monkeypatch):
+    """A script that imports record.py late (after its work) must not call its own load the load at start."""
+    spec = importlib.util.spec_from_file_location("record", BENCH / "record.py")
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    assert record._process_age_s() > 0
+    monkeypatch.setattr(record, "_AGE_AT_IMPORT", 1.0)
+    assert "load_avg_at_start" in record.machine()
+    monkeypatch.setattr(record, "_AGE_AT_IMPORT", 600.0)
+    machine = record.machine()
+    assert "load_avg_at_end" in machine and "load_avg_at_start" not in machine
