@@ -83,7 +83,8 @@ ACCURACY_RECORDS = ("accuracy_rtn", "accuracy_learned", "gptq", "accuracy_gptq_r
                     "accuracy_gptq_groups_w4a4_aware05", "accuracy_learned_groups_w4a4_aware05",
                     "accuracy_gptq_float_targets_w4a16", "accuracy_gptq_float_targets_w4a4",
                     "accuracy_gptq_full_range_w4a16", "accuracy_gptq_full_range_w4a16_t16", "accuracy_zero_shot_fp", "accuracy_zero_shot_w4a8",
-                    "accuracy_tuned_w4a16", "accuracy_tuned_w4a8", "accuracy_tuned_w4a4")
+                    "accuracy_tuned_w4a16", "accuracy_tuned_w4a8", "accuracy_tuned_w4a4",
+                    "accuracy_tuned_learned_w4a4")
 # GPTQ options a row's flags may carry, as the weights column names them
 GPTQ_TAGS = (("--gptq-act-order", "act order"), ("--gptq-weighted-clip", "weighted clip"),
              ("--gptq-damp 0.1", "damping 0.1"), ("--w-full-range", "full-range grid"))
