@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from record import write_record  # at the top: the record's load is the one at start
+from report import table
 
 from spinquant.cli import config_from_args, parse_args
 from spinquant.evaluation.data import load_text, tokenize_windows
@@ -43,6 +44,20 @@ def parse_eval(spec: str) -> dict[str, int]:
     return out
 
 
+def eval_texts(spec: str, tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
+    """'wikitext2:16,c4:4' → {text: its first windows of seq_len tokens}."""
+    return {name: tokenize_windows(load_text(name), tokenizer, seq_len, n) for name, n in parse_eval(spec).items()}
+
+
+def perplexities(model, texts: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: perplexity(model, windows, progress=False) for name, windows in texts.items()}
+
+
+def describe(model_name: str, texts: dict[str, torch.Tensor], seq_len: int) -> str:
+    return (f"# {model_name}, {', '.join(f'{k} {len(v)}×{seq_len}' for k, v in texts.items())}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -60,9 +75,8 @@ def main() -> None:
 
     rows_cfg = [(flags, row_config(flags, a.model)) for flags in a.row]  # bad flags fail before the model loads
     model, tok = load_model(a.model)
-    texts = {name: tokenize_windows(load_text(name), tok, a.seq_len, n) for name, n in parse_eval(a.eval).items()}
-    print(f"# {a.model}, {', '.join(f'{k} {len(v)}×{a.seq_len}' for k, v in texts.items())}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    texts = eval_texts(a.eval, tok, a.seq_len)
+    print(describe(a.model, texts, a.seq_len), flush=True)
 
     tasks = check_tasks(parse_tasks(a.tasks)) if a.tasks else ()
 
@@ -77,7 +91,7 @@ def main() -> None:
     rows = []
     if a.fp:
         rows.append({"flags": None, "label": "FP", "rotation": "-", "weights": "-",
-                     "ppl": {k: perplexity(model, w, progress=False) for k, w in texts.items()}, **zero_shot(model)})
+                     "ppl": perplexities(model, texts), **zero_shot(model)})
         print(rows[-1], flush=True)
     for flags, cfg in rows_cfg:
         m = copy.deepcopy(model)
@@ -89,18 +103,16 @@ def main() -> None:
                      "tables": cfg.tables, "quantize_s": round(seconds, 1),
                      "weights_s": round(report.seconds.get("weights", 0.0), 1),
                      "stages_s": {k: round(v, 1) for k, v in report.seconds.items()},
-                     "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}, **zero_shot(m)})
+                     "ppl": perplexities(m, texts), **zero_shot(m)})
         print(rows[-1], flush=True)
         del m
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     names = list(texts)
     print(f"\npeak RSS {peak_gb:.1f} GB\n")
-    print("| flags | bits | " + " | ".join(names) + " | quantize s |")
-    print("|---|---|" + "---|" * len(names) + "---|")
-    for r in rows:
-        print(f"| {r['flags'] or 'FP'} | {r['label']} | " + " | ".join(f"{r['ppl'][k]:.2f}" for k in names)
-              + f" | {r.get('quantize_s', 0):.0f} |")
+    print(table(["flags", "bits", *names, "quantize s"],
+                [[r["flags"] or "FP", r["label"], *(f"{r['ppl'][k]:.2f}" for k in names),
+                  f"{r.get('quantize_s', 0):.0f}"] for r in rows]))
     if a.json:
         write_record(a.json, model=a.model, threads=torch.get_num_threads(), seq_len=a.seq_len,
                      eval_windows={k: len(v) for k, v in texts.items()}, peak_rss_gb=round(peak_gb, 2), rows=rows,

@@ -6,8 +6,8 @@
 
 The row is `spinquant quantize` flags (its --tune-scales is the longest run). The model is quantized once;
 during tuning, every --every steps, the model is evaluated as tuning would leave it at that step, so each
-line (0: untuned) is what `--tune-scales <that many>` gives (same data order, same optimizer state), bar the embedding and
-lm_head, which stay float until tuning ends: use --tables float16 or float32 for lines comparable with the
+line (0: untuned) is what `--tune-scales <that many>` gives (same data order, same optimizer state), bar the
+embedding and lm_head, which stay float until tuning ends: use --tables float16 or float32 for lines comparable with the
 final one. Tuning seconds exclude the evaluations.
 """
 
@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_accuracy import parse_eval, row_config
+from bench_accuracy import describe, eval_texts, perplexities, row_config
 from record import write_record  # at the top: the record's load is the one at start
+from report import table
 
-from spinquant.evaluation.data import load_text, tokenize_windows
-from spinquant.evaluation.scoring import perplexity
 from spinquant.loading import load_model
 from spinquant.pipeline import quantize_model
 
@@ -45,9 +44,8 @@ def main() -> None:
     if cfg.tune.steps < a.every:
         raise SystemExit(f"the row's --tune-scales ({cfg.tune.steps}) must be at least --every ({a.every})")
     model, tok = load_model(a.model)
-    texts = {name: tokenize_windows(load_text(name), tok, a.seq_len, n) for name, n in parse_eval(a.eval).items()}
-    print(f"# {a.model}, {', '.join(f'{k} {len(v)}×{a.seq_len}' for k, v in texts.items())}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    texts = eval_texts(a.eval, tok, a.seq_len)
+    print(describe(a.model, texts, a.seq_len), flush=True)
 
     m = copy.deepcopy(model)
     rows: list[dict] = []
@@ -56,7 +54,7 @@ def main() -> None:
     def checkpoint(steps: int) -> None:
         nonlocal eval_s
         t = time.perf_counter()
-        rows.append({"steps": steps, "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}})
+        rows.append({"steps": steps, "ppl": perplexities(m, texts)})
         eval_s += time.perf_counter() - t
         print(rows[-1], flush=True)
 
@@ -64,7 +62,7 @@ def main() -> None:
     report = quantize_model(m, cfg, tok, progress=False, tune_every=a.every, tune_checkpoint=checkpoint)
     quantize_s = time.perf_counter() - t
     rows.append({"steps": cfg.tune.steps, "final": True,
-                 "ppl": {k: perplexity(m, w, progress=False) for k, w in texts.items()}})
+                 "ppl": perplexities(m, texts)})
     print(rows[-1], flush=True)
     # Every step costs the same: a line's tuning time is its share of the run's (evaluations measured apart).
     tune_s = report.seconds["tune"] - eval_s
@@ -74,11 +72,9 @@ def main() -> None:
 
     names = list(texts)
     print(f"\npeak RSS {peak_gb:.1f} GB\n")
-    print("| tuning steps | " + " | ".join(names) + " | tuning s |")
-    print("|---|" + "---|" * len(names) + "---|")
-    for r in rows:
-        print(f"| {r['steps']}{' (final)' if r.get('final') else ''} | "
-              + " | ".join(f"{r['ppl'][k]:.2f}" for k in names) + f" | {r['tune_s']:.0f} |")
+    print(table(["tuning steps", *names, "tuning s"],
+                [[f"{r['steps']}{' (final)' if r.get('final') else ''}", *(f"{r['ppl'][k]:.2f}" for k in names),
+                  f"{r['tune_s']:.0f}"] for r in rows]))
     if a.json:
         write_record(a.json, model=a.model, threads=torch.get_num_threads(), seq_len=a.seq_len, flags=a.row,
                      every=a.every, eval_windows={k: len(v) for k, v in texts.items()},
