@@ -178,9 +178,9 @@ def test_long_caller_windows_are_cut_to_the_tuning_length(monkeypatch):
 def test_checkpoints_see_the_model_as_a_shorter_run_leaves_it():
     fp, q = quantized("llama", act_bits=4)
     q_short = copy.deepcopy(q)
-    with torch.no_grad():
-        untuned = q(input_ids=ids(4, 1)).logits
     teacher, calib, x = (lambda ids_: fp(input_ids=ids_).logits), ids(16, 0), ids(4, 1)
+    with torch.no_grad():
+        untuned = q(input_ids=x).logits
     seen: dict[int, torch.Tensor] = {}
 
     def look(steps_done: int) -> None:

@@ -61,6 +61,7 @@ def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor],
     called at 0 and every `every` steps with the model computing as if tuning had stopped there (to measure
     how many steps pay off in one run).
     """
+    watch = checkpoint is not None and every > 0
     names = {id(m): n for n, m in model.named_modules()}
     linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.quantized is not None]
     if not linears:
@@ -79,7 +80,7 @@ def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor],
         for p, _ in frozen:
             p.requires_grad_(False)
         model.eval()
-        if checkpoint is not None and every > 0:
+        if watch:
             checkpoint(0)
         for step in tqdm(range(steps), desc="scale tuning", unit="step", disable=None if progress else True):
             idx = torch.arange(step * batch, (step + 1) * batch) % len(calib_ids)
@@ -98,7 +99,7 @@ def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor],
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if checkpoint is not None and every > 0 and (step + 1) % every == 0 and step + 1 < steps:
+            if watch and (step + 1) % every == 0 and step + 1 < steps:
                 stored = [(lin.weight.detach().clone(), lin.quantized) for lin in linears]
                 _apply_scales(linears, factors)
                 checkpoint(step + 1)
@@ -113,7 +114,7 @@ def tune_weight_scales(model: torch.nn.Module, teacher: Callable[[torch.Tensor],
             p.requires_grad_(grad)
         model.train(was_training)
     _apply_scales(linears, factors)
-    if checkpoint is not None and every > 0 and steps % every == 0:
+    if watch and steps % every == 0:
         checkpoint(steps)
     return losses
 
