@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from record import write_record  # at the top: the record's load is the one at start
-from report import cost_table, load
+from report import cost_table, load, load_reading
 
 
 @dataclass(frozen=True)
@@ -99,13 +99,6 @@ def flag(flags: str, name: str, default: float) -> float:
     return default if m is None else float(m.group(1) or 1.0)
 
 
-def load_of(machine: dict) -> dict:
-    """The record's load average and when it was read (older records read it after the work)."""
-    if "load_avg_at_start" in machine:
-        return {"load": machine["load_avg_at_start"][0], "load_when": "start"}
-    return {"load": machine["load_avg_at_end"][0], "load_when": "end"}
-
-
 def cost_row(name: str) -> dict:
     rec = load(name)
     quantized = [r for r in rec["rows"] if r.get("flags")]
@@ -121,7 +114,8 @@ def cost_row(name: str) -> dict:
     rotate_s = r.get("stages_s", {}).get("rotate", r["quantize_s"] - gptq_s)
     row = {"record": name, "label": r["label"], "flags": flags, "threads": rec.get("threads"),
            "quantize_s": r["quantize_s"], "gptq_s": gptq_s, "rotate_s": round(rotate_s, 1),
-           "peak_rss_gb": rec.get("peak_rss_gb"), "cpu": rec["machine"].get("cpu"), **load_of(rec["machine"])}
+           "peak_rss_gb": rec.get("peak_rss_gb"), "cpu": rec["machine"].get("cpu"),
+           **dict(zip(("load", "load_when"), load_reading(rec["machine"]), strict=True))}
     if r.get("weights") == "gptq":
         ratio = gptq_flops(LLAMA3_8B, tokens, aware, targets) / gptq_flops(SMOLLM2, tokens, aware, targets)
         row["gptq_8b_h"] = round(gptq_s * ratio / 3600, 1)

@@ -44,6 +44,14 @@ def ratio(x, ref, digits=2):
     return None if x is None or not ref else f"{x / ref:.{digits}f}×"
 
 
+def load_reading(machine: dict) -> tuple[float, str] | None:
+    """A record's 1-minute load average and when it was read: "start", or "end" (record.py, older scripts)."""
+    for when in ("start", "end"):
+        if machine.get(f"load_avg_at_{when}"):
+            return machine[f"load_avg_at_{when}"][0], when
+    return None
+
+
 HEADER_CPU = "AMD EPYC"  # the machine HEADER names; records from any other say so where they are cited
 
 
@@ -60,10 +68,10 @@ def provenance(rec: dict) -> str:
     if isinstance(machine, dict):
         if machine.get("cpu") and not str(machine["cpu"]).startswith(HEADER_CPU):
             parts.append(f"on another machine: {machine['cpu']}, {machine.get('cores')} cores")
-        if machine.get("load_avg_at_start"):
-            parts.append(f"load {machine['load_avg_at_start'][0]:.1f} at start")
-        elif machine.get("load_avg_at_end"):
-            parts.append(f"load {machine['load_avg_at_end'][0]:.1f} at the end (its own work included)")
+        if (reading := load_reading(machine)) is not None:
+            load, when = reading
+            parts.append(f"load {load:.1f} at start" if when == "start"
+                         else f"load {load:.1f} at the end (its own work included)")
         if machine.get("env"):
             parts.append(" ".join(f"{k}={v}" for k, v in machine["env"].items()))
     text = "Source: " + "; ".join(parts) + "."
